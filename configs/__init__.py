@@ -1,0 +1,114 @@
+"""fiddle configs of safe-dist experiments: plain functions returning `fdl.Config[Experiment]`.
+
+Pick one with `--config config:NAME`, edit it with `--config fiddler:NAME` and
+`--config set:PATH=VALUE`; the reference flags (`--model`, `--sp`, ...) are applied last.
+"""
+
+import fiddle as fdl
+
+from safe_dist.experiment import DataConfig, Experiment, ModelConfig, TrainConfig
+from safe_dist.optim import OptimizerConfig
+from safe_dist.sharding import MeshConfig
+from safe_dist.sparsity import SparsifierConfig
+
+
+def reference() -> fdl.Config[Experiment]:
+  """The defaults of the reference `train.py`: SAFE on ResNet-20 / CIFAR-10, 95% sparsity."""
+  return fdl.Config(
+      Experiment,
+      model=fdl.Config(ModelConfig, name="ResNet20"),
+      data=fdl.Config(DataConfig, name="cifar10"),
+      optimizer=fdl.Config(OptimizerConfig, name="sgd", lr=0.1, lr_schedule="cosine",
+                           warmup_epochs=5, weight_decay=1e-4, momentum=0.9),
+      sparsifier=fdl.Config(SparsifierConfig, name="safe", sparsity=0.95, scope="global",
+                            lam=1e-4, lambda_schedule="cosine", dual_update_interval=32,
+                            rho=0.1, sp_schedule="cubic"),
+      mesh=fdl.Config(MeshConfig),
+      train=fdl.Config(TrainConfig, num_epochs=200, batch_size=128, seed=1,
+                       bnt_sample_size=10000),
+  )
+
+
+def _vision(model: str, dataset: str, num_epochs: int, lam: float) -> fdl.Config[Experiment]:
+  cfg = reference()
+  cfg.model.name = model
+  cfg.data.name = dataset
+  cfg.train.num_epochs = num_epochs
+  cfg.sparsifier.lam = lam
+  return cfg
+
+
+def cifar10_vgg19() -> fdl.Config[Experiment]:
+  """scripts/cifar10_vgg19.sh of the reference."""
+  return _vision("VGG19-bn", "cifar10", 300, 1e-4)
+
+
+def cifar10_resnet20() -> fdl.Config[Experiment]:
+  """scripts/cifar10_resnet20.sh: the 2x-wide ResNet-20 of the paper."""
+  return _vision("ResNet20x2", "cifar10", 200, 1e-3)
+
+
+def cifar100_resnet32() -> fdl.Config[Experiment]:
+  """scripts/cifar100_resnet32.sh: the 2x-wide ResNet-32 of the paper."""
+  return _vision("ResNet32x2", "cifar100", 300, 1e-3)
+
+
+def cifar100_vgg19() -> fdl.Config[Experiment]:
+  """scripts/cifar100_vgg19.sh."""
+  return _vision("VGG19-bn", "cifar100", 300, 1e-3)
+
+
+def fashion_mnist_lenet() -> fdl.Config[Experiment]:
+  """The quickstart: SAFE prunes LeNet-300-100 on full Fashion-MNIST to 95% in minutes on a CPU."""
+  cfg = _vision("LeNet300-100", "fashion_mnist", 6, 5e-3)
+  cfg.optimizer.lr = 0.05
+  cfg.optimizer.warmup_epochs = 0.5
+  cfg.sparsifier.rho = 0.05
+  cfg.train.batch_size = 128
+  cfg.train.eval_every_epochs = 2
+  return cfg
+
+
+def debug() -> fdl.Config[Experiment]:
+  """A seconds-long SAFE run on synthetic data (CPU smoke tests, Slurm tests)."""
+  cfg = _vision("LeNet300-100", "synthetic", 1, 1e-3)
+  cfg.optimizer.warmup_epochs = 0
+  cfg.data.max_train_examples = 1024
+  cfg.data.max_eval_examples = 256
+  cfg.train.batch_size = 32
+  cfg.train.max_steps = 24
+  cfg.train.log_every_steps = 4
+  cfg.train.eval_every_epochs = 0.5
+  cfg.train.checkpoint_every_steps = 8
+  cfg.train.bnt_sample_size = 64
+  cfg.sparsifier.dual_update_interval = 4
+  return cfg
+
+
+# Fiddlers: small edits applied in order with `--config fiddler:NAME`.
+
+def debug_mode(cfg: fdl.Config[Experiment]) -> fdl.Config[Experiment]:
+  """`--debug`: one device, a small slice of the data, a few steps, NaN checks, log every step."""
+  cfg.mesh = fdl.Config(MeshConfig, data=1, num_devices=1)
+  cfg.data.max_train_examples = min(cfg.data.max_train_examples or 2048, 2048)
+  cfg.data.max_eval_examples = min(cfg.data.max_eval_examples or 512, 512)
+  cfg.train.max_steps = min(cfg.train.max_steps or 20, 20)
+  cfg.train.batch_size = min(cfg.train.batch_size, 64)
+  cfg.train.log_every_steps = 1
+  cfg.train.eval_every_epochs = 0.5
+  cfg.train.checkpoint_every_steps = 10
+  cfg.train.check_nans = True
+  cfg.train.bnt_sample_size = min(cfg.train.bnt_sample_size, 256)
+  return cfg
+
+
+def layerwise(cfg: fdl.Config[Experiment]) -> fdl.Config[Experiment]:
+  cfg.sparsifier.scope = "layerwise"
+  return cfg
+
+
+def admm(cfg: fdl.Config[Experiment]) -> fdl.Config[Experiment]:
+  """The ADMM baseline: SAFE without SAM."""
+  cfg.sparsifier.name = "admm"
+  cfg.sparsifier.rho = 0.0
+  return cfg

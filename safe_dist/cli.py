@@ -1,0 +1,165 @@
+"""The command-line flags shared by `safe_dist.train` and `safe_dist.eval`.
+
+The reference implementation's flags keep their names and defaults; each maps onto one path
+of the fiddle config. Precedence: `--config config:NAME`, then `--config fiddler:/set:`
+directives in order, then every reference flag given explicitly, then `--debug`.
+"""
+
+import sys
+from typing import Any, Callable, Optional
+
+import fiddle as fdl
+from absl import flags
+from fiddle import absl_flags as fdl_flags
+from fiddle.experimental import serialization
+
+import configs
+from safe_dist.experiment import Experiment
+
+DEFAULT_CONFIG = "reference"
+
+
+def _parse_nm(text: str) -> tuple[int, int]:
+  try:
+    n, m = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise ValueError(f"--nm must look like N:M (e.g. 2:4), got {text!r}") from None
+  return n, m
+
+
+def _parse_sparsities(values) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    raise ValueError(f"--eval_sparsities must be numbers in [0, 1), got {values}") from None
+
+
+# flag name -> (config path, parser of the flag value)
+_FLAG_PATHS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "model": ("model.name", str),
+    "dataset": ("data.name", str),
+    "data_dir": ("data.data_dir", str),
+    "label_noise_ratio": ("data.label_noise_ratio", float),
+    "num_epochs": ("train.num_epochs", float),
+    "batch_size": ("train.batch_size", int),
+    "seed": ("train.seed", int),
+    "bnt_sample_size": ("train.bnt_sample_size", int),
+    "half_precision": ("train.half_precision", bool),
+    "checkpoint_every_epoch": ("train.checkpoint_every_epoch", int),
+    "checkpoint_every_steps": ("train.checkpoint_every_steps", int),
+    "keep_checkpoints": ("train.keep_checkpoints", int),
+    "optimizer": ("optimizer.name", str),
+    "lr": ("optimizer.lr", float),
+    "lr_schedule": ("optimizer.lr_schedule", str),
+    "warmup_epochs": ("optimizer.warmup_epochs", float),
+    "wd": ("optimizer.weight_decay", float),
+    "momentum": ("optimizer.momentum", float),
+    "sparsifier": ("sparsifier.name", str),
+    "sp": ("sparsifier.sparsity", float),
+    "sp_scope": ("sparsifier.scope", str),
+    "nm": ("sparsifier.n_m", _parse_nm),
+    "lambda": ("sparsifier.lam", float),
+    "lambda_schedule": ("sparsifier.lambda_schedule", str),
+    "dual_update_interval": ("sparsifier.dual_update_interval", int),
+    "sp_schedule": ("sparsifier.sp_schedule", str),
+    "rho": ("sparsifier.rho", float),
+    "eval_sparsities": ("eval_sparsities", _parse_sparsities),
+}
+
+
+def define_flags() -> Any:
+  """Defines the flags (reference names and defaults); returns the fiddle config flag."""
+  config_flag = fdl_flags.DEFINE_fiddle_config(
+      "config", default_module=configs,
+      help_string="fiddle config: config:NAME (a function of configs/), fiddler:NAME, "
+                  f"set:PATH=VALUE; default config:{DEFAULT_CONFIG}")
+  flags.DEFINE_string("workdir", "./logdir", "Run directory: checkpoints, TensorBoard, summary.")
+  flags.DEFINE_bool("resume_training", False,
+                    "Resume from the checkpoint in --workdir (resuming is also automatic when "
+                    "--workdir holds a checkpoint of the same experiment).")
+  flags.DEFINE_integer("checkpoint_every_epoch", 1, "Epoch interval for checkpointing.")
+  flags.DEFINE_integer("checkpoint_every_steps", None, "Step interval for checkpointing "
+                       "(overrides --checkpoint_every_epoch; for long epochs).")
+  flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
+  flags.DEFINE_bool("half_precision", False, "Compute in bfloat16 (parameters stay float32).")
+  flags.DEFINE_bool("debug", False, "One device, a small slice of the data, a few steps, NaN "
+                    "checks on, logging every step.")
+  flags.DEFINE_string("data_dir", None, "Dataset directory (default: $SAFE_DATA_DIR, then the "
+                      "standard install locations).")
+  flags.DEFINE_string("model", "ResNet20", "Model (ResNet{20,32,44,56}, ResNet{20,32}x2, "
+                      "VGG{11,13,16,19}(-bn), LeNet300-100).")
+  flags.DEFINE_string("dataset", "cifar10", "Dataset (mnist, fashion_mnist, cifar10, cifar100, "
+                      "synthetic).")
+  flags.DEFINE_float("num_epochs", 200, "Number of epochs to train.")
+  flags.DEFINE_integer("batch_size", 128, "Global mini-batch size.")
+  flags.DEFINE_integer("seed", 1, "Seed for all randomness.")
+  flags.DEFINE_string("optimizer", "sgd", "Base optimizer (sgd, adam, adamw).")
+  flags.DEFINE_float("lr", 0.1, "Learning rate.")
+  flags.DEFINE_string("lr_schedule", "cosine", "Learning rate schedule (constant, linear, cosine).")
+  flags.DEFINE_float("warmup_epochs", 5, "Number of warm-up epochs.")
+  flags.DEFINE_float("wd", 0.0001, "Weight decay.")
+  flags.DEFINE_float("momentum", 0.9, "Momentum.")
+  flags.DEFINE_string("sparsifier", "safe", "Sparsifier (safe, admm, gmp, iht, magnitude, none).")
+  flags.DEFINE_float("sp", 0.95, "Target sparsity in [0, 1).")
+  flags.DEFINE_string("sp_scope", "global", "Sparsity scope (global, layerwise, nm).")
+  flags.DEFINE_string("nm", None, "N:M pattern for --sp_scope nm, e.g. 2:4.")
+  flags.DEFINE_integer("bnt_sample_size", 10000, "Samples for BatchNorm re-calibration.")
+  flags.DEFINE_float("lambda", 0.0001, "Penalty lambda of SAFE and ADMM.")
+  flags.DEFINE_string("lambda_schedule", "cosine", "Lambda schedule (constant, linear, cosine).")
+  flags.DEFINE_integer("dual_update_interval", 32, "Steps K between updates of z and u.")
+  flags.DEFINE_string("sp_schedule", "cubic", "Gradual sparsity schedule of GMP and IHT "
+                      "(constant, linear, cosine, cubic).")
+  flags.DEFINE_float("rho", 0.1, "SAM radius rho of SAFE.")
+  flags.DEFINE_float("label_noise_ratio", 0.0, "Fraction of training labels flipped, in [0, 1).")
+  flags.DEFINE_list("eval_sparsities", [], "Also evaluate the network hard-projected to these "
+                    "sparsities.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+  return config_flag
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+  """Prepends `--config config:reference` unless the command line names a base config."""
+  names = ("config:", "config_file:", "config_str:")
+  for i, arg in enumerate(argv):
+    value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+        argv[i + 1] if arg == "--config" and i + 1 < len(argv) else "")
+    if value.startswith(names):
+      return argv
+  return argv[:1] + [f"--config=config:{DEFAULT_CONFIG}"] + argv[1:]
+
+
+def _set_path(cfg: fdl.Config, path: str, value: Any) -> None:
+  *parents, leaf = path.split(".")
+  for name in parents:
+    cfg = getattr(cfg, name)
+  setattr(cfg, leaf, value)
+
+
+def resolved_config(config_flag, flag_values=flags.FLAGS) -> fdl.Config[Experiment]:
+  """The fiddle config with the explicitly given reference flags (and --debug) applied."""
+  cfg = config_flag.value
+  for name, (path, parse) in _FLAG_PATHS.items():
+    if flag_values[name].present:
+      _set_path(cfg, path, parse(flag_values[name].value))
+  if flag_values.debug:
+    cfg = configs.debug_mode(cfg)
+  return cfg
+
+
+def build_experiment(cfg: fdl.Config[Experiment]) -> Experiment:
+  """Builds (and so validates) the experiment; a bad value raises ValueError naming its flag."""
+  try:
+    return fdl.build(cfg)
+  except ValueError as e:
+    raise ValueError(str(e).split("\n")[0]) from None
+
+
+def config_json(cfg: fdl.Config[Experiment]) -> str:
+  return serialization.dump_json(cfg, indent=2)
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)

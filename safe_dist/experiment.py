@@ -1,0 +1,96 @@
+"""The typed description of one run; fiddle configs in `configs/` build it."""
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+from safe_dist.optim import OptimizerConfig
+from safe_dist.sharding import MeshConfig
+from safe_dist.sparsity import SparsifierConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """[--model]: a name of `safe_dist.models.MODEL_NAMES`."""
+  name: str = "ResNet20"
+
+  def __post_init__(self):
+    from safe_dist import models  # pylint: disable=g-import-not-at-top
+    if self.name not in models.MODEL_NAMES:
+      raise ValueError(f"--model must be one of {models.MODEL_NAMES}, got {self.name!r}")
+
+  def build(self, num_classes: int, mean, std, half_precision: bool):
+    from safe_dist import models  # pylint: disable=g-import-not-at-top
+    return models.create_model(self.name, num_classes, mean=mean, std=std,
+                               dtype=jnp.bfloat16 if half_precision else jnp.float32)
+
+  @property
+  def has_batch_norm(self) -> bool:
+    from safe_dist import models  # pylint: disable=g-import-not-at-top
+    return models.has_batch_norm(self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """[--dataset --data_dir --label_noise_ratio]; max_*_examples take a slice (debug mode)."""
+  name: str = "cifar10"
+  data_dir: Optional[str] = None
+  label_noise_ratio: float = 0.0
+  augment: bool = True
+  max_train_examples: Optional[int] = None
+  max_eval_examples: Optional[int] = None
+
+  def __post_init__(self):
+    from safe_dist import data  # pylint: disable=g-import-not-at-top
+    if self.name not in data.DATASET_NAMES:
+      raise ValueError(f"--dataset must be one of {data.DATASET_NAMES}, got {self.name!r}")
+    if not 0.0 <= self.label_noise_ratio < 1.0:
+      raise ValueError(f"--label_noise_ratio must be in [0, 1), got {self.label_noise_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: length, batch, seed, precision, evaluation, logging and checkpoint cadence."""
+  num_epochs: float = 200
+  batch_size: int = 128
+  seed: int = 1
+  max_steps: Optional[int] = None  # overrides num_epochs (debug runs)
+  eval_batch_size: int = 500
+  eval_every_epochs: float = 1.0
+  bnt_sample_size: int = 10000
+  half_precision: bool = False
+  log_every_steps: int = 50
+  checkpoint_every_epoch: int = 1
+  checkpoint_every_steps: Optional[int] = None
+  keep_checkpoints: int = 3
+  check_nans: bool = False
+
+  def __post_init__(self):
+    if self.num_epochs <= 0:
+      raise ValueError(f"--num_epochs must be > 0, got {self.num_epochs}")
+    if self.batch_size < 1:
+      raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+    if self.bnt_sample_size < 0:
+      raise ValueError(f"--bnt_sample_size must be >= 0, got {self.bnt_sample_size}")
+    if self.checkpoint_every_epoch < 1:
+      raise ValueError(f"--checkpoint_every_epoch must be >= 1, got {self.checkpoint_every_epoch}")
+    if self.max_steps is not None and self.max_steps < 1:
+      raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs; equal experiments give bit-identical runs."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  sparsifier: SparsifierConfig = SparsifierConfig()
+  mesh: MeshConfig = MeshConfig()
+  train: TrainConfig = TrainConfig()
+  eval_sparsities: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    for s in self.eval_sparsities:
+      if not 0.0 <= s < 1.0:
+        raise ValueError(f"--eval_sparsities must lie in [0, 1), got {s}")

@@ -1,0 +1,10 @@
+"""Sparsifiers as optax transformations, and the exact projection they share."""
+
+from safe_dist.sparsity.admm import ADMMState, admm
+from safe_dist.sparsity.factory import SPARSIFIERS, SparsifierConfig, make_optimizer
+from safe_dist.sparsity.masking import (SCOPES, Projection, prunable_leaves, prunable_tree,
+                                        weight_sparsity)
+from safe_dist.sparsity.projection import prune_mask
+from safe_dist.sparsity.pruning import MaskState, gmp, iht, one_shot_magnitude
+from safe_dist.sparsity.sam import SAMState, sam_gradient
+from safe_dist.sparsity.schedules import penalty_schedule, sparsity_schedule

@@ -1,0 +1,92 @@
+"""Which weights are prunable, and the hard projection Proj_d applied to them."""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from safe_dist.sparsity.projection import prune_mask
+
+SCOPES = ("global", "layerwise", "nm")
+
+
+def _is_prunable_leaf(path, leaf) -> bool:
+  # Convolution and dense kernels; biases, norm parameters and embeddings are never pruned.
+  last = path[-1]
+  name = getattr(last, "key", getattr(last, "name", None))
+  if name == "value" and len(path) > 1:  # a flax LogicallyPartitioned box around the array
+    last = path[-2]
+    name = getattr(last, "key", getattr(last, "name", None))
+  return name == "kernel" and getattr(leaf, "ndim", 0) >= 2
+
+
+def prunable_tree(params) -> Any:
+  """A pytree of bools over `params`: True on conv and dense kernels."""
+  return jax.tree_util.tree_map_with_path(_is_prunable_leaf, params)
+
+
+def prunable_leaves(params) -> list:
+  """The prunable arrays of `params`, in tree order."""
+  flags = jax.tree.leaves(prunable_tree(params))
+  return [x for x, f in zip(jax.tree.leaves(params), flags) if f]
+
+
+def _not_masked(x) -> bool:
+  return not isinstance(x, optax.MaskedNode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+  """Proj_d: keep the largest scores, exactly `sparsity` of them dropped, over a scope.
+
+  Operates on trees that hold only prunable leaves (other positions are `optax.MaskedNode`),
+  as inside `optax.masked`, or on full parameter trees through `project_params`.
+  """
+  sparsity: float
+  scope: str = "global"
+  n_m: Optional[tuple[int, int]] = None
+
+  def __post_init__(self):
+    if self.scope not in SCOPES:
+      raise ValueError(f"--sp_scope must be one of {SCOPES}, got {self.scope!r}")
+    if self.scope == "nm":
+      if self.n_m is None:
+        raise ValueError("--sp_scope nm needs --nm N:M (e.g. 2:4)")
+      n, m = self.n_m
+      if not 0 < n < m:
+        raise ValueError(f"--nm must be N:M with 0 < N < M, got {n}:{m}")
+    elif not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f"--sp must be in [0, 1), got {self.sparsity}")
+
+  @property
+  def target_sparsity(self) -> float:
+    if self.scope == "nm":
+      return 1.0 - self.n_m[0] / self.n_m[1]
+    return self.sparsity
+
+  def masks(self, scores, sparsity=None):
+    """Boolean keep-masks of a tree of non-negative scores (MaskedNode leaves pass through)."""
+    sparsity = self.sparsity if sparsity is None else sparsity
+    return prune_mask(scores, sparsity, scope=self.scope, n_m=self.n_m)
+
+  def masks_of_weights(self, weights, sparsity=None):
+    return self.masks(jax.tree.map(jnp.abs, weights), sparsity)
+
+  def project_params(self, params, sparsity=None):
+    """Proj_d(params): prunable kernels masked by magnitude, everything else unchanged."""
+    flags = prunable_tree(params)
+    only_prunable = jax.tree.map(lambda p, f: p if f else optax.MaskedNode(), params, flags)
+    masks = self.masks_of_weights(only_prunable, sparsity)
+    return jax.tree.map(
+        lambda p, f, m: p * m.astype(p.dtype) if f else p, params, flags, masks,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def weight_sparsity(params) -> jax.Array:
+  """Fraction of exact zeros among the prunable weights."""
+  leaves = prunable_leaves(params)
+  zeros = sum(jnp.sum(x == 0) for x in leaves)
+  total = sum(x.size for x in leaves)
+  return zeros / total

@@ -1,0 +1,49 @@
+"""Schedules of the penalty lambda(t) and of the target sparsity s(t), as optax schedules of the step."""
+
+import jax.numpy as jnp
+import optax
+
+LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
+SPARSITY_SCHEDULES = ("constant", "linear", "cosine", "cubic")
+
+
+def penalty_schedule(lam: float, kind: str, total_steps: int) -> optax.Schedule:
+  """lambda(t) of SPEC.md: constant, linear (lam t / T) or cosine (lam (1 - cos(pi t / T)) / 2)."""
+  if kind not in LAMBDA_SCHEDULES:
+    raise ValueError(f"--lambda_schedule must be one of {LAMBDA_SCHEDULES}, got {kind!r}")
+  if kind == "constant":
+    return optax.constant_schedule(lam)
+  total = max(int(total_steps), 1)
+
+  def schedule(step):
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / total, 0.0, 1.0)
+    if kind == "linear":
+      return lam * frac
+    return lam * (1.0 - jnp.cos(jnp.pi * frac)) / 2.0
+
+  return schedule
+
+
+def sparsity_schedule(final: float, kind: str, begin_step: int, end_step: int,
+                      initial: float = 0.0) -> optax.Schedule:
+  """s(t) rising from `initial` at `begin_step` to `final` at `end_step`, then constant.
+
+  `cubic` is Zhu and Gupta (2018): s_f + (s_0 - s_f)(1 - p)^3 with p the progress in [0, 1].
+  """
+  if kind not in SPARSITY_SCHEDULES:
+    raise ValueError(f"--sp_schedule must be one of {SPARSITY_SCHEDULES}, got {kind!r}")
+  if kind == "constant":
+    return optax.constant_schedule(final)
+  span = max(int(end_step) - int(begin_step), 1)
+
+  def schedule(step):
+    p = jnp.clip((jnp.asarray(step, jnp.float32) - begin_step) / span, 0.0, 1.0)
+    if kind == "linear":
+      ramp = p
+    elif kind == "cosine":
+      ramp = (1.0 - jnp.cos(jnp.pi * p)) / 2.0
+    else:
+      ramp = 1.0 - (1.0 - p) ** 3
+    return initial + (final - initial) * ramp
+
+  return schedule

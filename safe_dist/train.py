@@ -1,0 +1,88 @@
+"""`python -m safe_dist.train` (console script `safe-train`): train and prune one experiment.
+
+    python -m safe_dist.train --workdir=./logdir --model VGG19-bn --dataset cifar10 \\
+        --num_epochs 300 --sparsifier safe --lambda 0.0001 --lambda_schedule cosine \\
+        --rho 0.1 --dual_update_interval 32 --sp .95 --seed 1
+"""
+
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+
+from safe_dist import cli
+
+FLAGS = flags.FLAGS
+_CONFIG = cli.define_flags()
+
+# Exit status after a checkpoint taken on SIGTERM/SIGUSR1: launch/slurm scripts requeue on it.
+REQUEUE_EXIT_CODE = 85
+
+
+class _StopOnSignal:
+  """Turns SIGTERM/SIGUSR1 into a request to checkpoint at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __call__(self) -> bool:
+    return self.signal is not None
+
+
+def _print_table(summary: dict, seconds: float, workdir: str) -> None:
+  rows = [("model", summary["model"]), ("dataset", summary["dataset"]),
+          ("sparsifier", summary["sparsifier"]),
+          ("target sparsity", f"{summary['target_sparsity']:.2%}"),
+          ("weight sparsity", f"{summary['weight_sparsity']:.2%}"),
+          ("val accuracy (dense x)", f"{summary['val_accuracy_before_projection']:.2%}"),
+          ("val accuracy (projected)", f"{summary['val_accuracy']:.2%}"),
+          ("steps", str(summary["steps"])), ("time", f"{seconds / 60:.1f} min")]
+  width = max(len(k) for k, _ in rows)
+  print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+  print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from safe_dist import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+  from safe_dist import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    cfg = cli.resolved_config(_CONFIG)
+    experiment = cli.build_experiment(cfg)
+  except ValueError as e:
+    cli.fail(str(e))
+  stop = _StopOnSignal()
+  start = time.time()
+  try:
+    summary = trainer.train_and_evaluate(experiment, FLAGS.workdir,
+                                         config_json=cli.config_json(cfg),
+                                         stop_requested=stop)
+  except (ValueError, FileNotFoundError) as e:
+    cli.fail(str(e))
+  if "interrupted_at_step" in summary:
+    logging.warning("stopped by signal %s at step %d after a committed checkpoint; exiting "
+                    "with %d so that the job is requeued", stop.signal,
+                    summary["interrupted_at_step"], REQUEUE_EXIT_CODE)
+    sys.exit(REQUEUE_EXIT_CODE)
+  if jax.process_index() == 0:
+    _print_table(summary, time.time() - start, FLAGS.workdir)
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main, argv=cli.with_default_config(sys.argv))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,15 @@
+"""The explicit state a train step maps to the next one."""
+
+from typing import Any
+
+import flax
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any  # {} for models without BatchNorm
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key; per-step randomness is fold_in(rng, step)

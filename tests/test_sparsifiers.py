@@ -1,0 +1,190 @@
+"""SAFE, ADMM, GMP, IHT and one-shot magnitude against a float64 numpy reference of the update rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from safe_dist import optim
+from safe_dist.sparsity import SparsifierConfig, make_optimizer, prunable_tree
+from safe_dist.sparsity import schedules
+
+KERNEL_SHAPES = {"conv/kernel": (3, 3, 2, 4), "dense/kernel": (12, 5)}  # in tree order
+
+
+def _nest(flat):
+  """{"a/b": x} -> {"a": {"b": x}} (flax-style parameter names)."""
+  out = {}
+  for path, value in flat.items():
+    outer, inner = path.split("/")
+    out.setdefault(outer, {})[inner] = value
+  return out
+
+
+def _problem(seed):
+  """A separable quadratic f(w) = 1/2 sum c (w - t)^2 over two kernels and a bias."""
+  rng = np.random.default_rng(seed)
+  shapes = {**KERNEL_SHAPES, "dense/bias": (5,)}
+  params = {k: rng.normal(size=s) for k, s in shapes.items()}
+  curv = {k: rng.uniform(0.5, 2.0, size=s) for k, s in shapes.items()}
+  target = {k: rng.normal(size=s) for k, s in shapes.items()}
+  return params, curv, target
+
+
+def _np_keep_mask(arrays, sparsity):
+  """Global exact top-k on |a|: drop floor(s N), ties dropped from the highest position."""
+  flat = np.concatenate([np.abs(a).ravel() for a in arrays])
+  n_drop = int(np.floor(sparsity * flat.size))
+  order = np.lexsort((np.arange(flat.size), -flat))  # score desc, position asc
+  keep = np.zeros(flat.size, bool)
+  keep[order[:flat.size - n_drop]] = True
+  out, start = [], 0
+  for a in arrays:
+    out.append(keep[start:start + a.size].reshape(a.shape))
+    start += a.size
+  return out
+
+
+def _reference_run(cfg, params, curv, target, lr_fn, steps, total_steps, wd, momentum):
+  """Algorithm 1 of SPEC.md in float64 numpy, with SGD + momentum + coupled weight decay."""
+  x = {k: v.copy() for k, v in params.items()}
+  kernels = list(KERNEL_SHAPES)
+  grad = lambda w: {k: curv[k] * (w[k] - target[k]) for k in w}
+  lam_fn = schedules.penalty_schedule(cfg.lam, cfg.lambda_schedule, total_steps)
+  z = dict(zip(kernels, [x[k] * m for k, m in zip(kernels, _np_keep_mask([x[k] for k in kernels], cfg.sparsity))]))
+  u = {k: np.zeros_like(x[k]) for k in kernels}
+  trace = {k: np.zeros_like(v) for k, v in x.items()}
+  for t in range(steps):
+    if cfg.uses_admm and t % cfg.dual_update_interval == 0:
+      a = {k: x[k] + u[k] for k in kernels}
+      masks = _np_keep_mask([a[k] for k in kernels], cfg.sparsity)
+      for k, m in zip(kernels, masks):
+        z[k] = a[k] * m
+        u[k] = a[k] - z[k]
+    g = grad(x)
+    if cfg.uses_sam:
+      norm = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
+      g = grad({k: x[k] + cfg.rho * g[k] / norm for k in x})
+    if cfg.uses_admm:
+      lam = float(lam_fn(t))
+      for k in kernels:
+        g[k] = g[k] + lam * (x[k] - z[k] + u[k])
+    lr = float(lr_fn(t))
+    for k in x:
+      d = g[k] + wd * x[k]
+      trace[k] = momentum * trace[k] + d
+      x[k] = x[k] - lr * trace[k]
+    if cfg.name == "iht":
+      sp = float(schedules.sparsity_schedule(cfg.sparsity, cfg.sp_schedule,
+                                             int(cfg.begin_fraction * total_steps),
+                                             int(cfg.end_fraction * total_steps))(t))
+      for k, m in zip(kernels, _np_keep_mask([x[k] for k in kernels], sp)):
+        x[k] = x[k] * m
+  return x, z, u
+
+
+def _jax_run(cfg, params, curv, target, lr_fn, steps, total_steps, wd, momentum):
+  curv, target = _nest(curv), _nest(target)
+  loss_fn = lambda w: sum(jax.tree.leaves(jax.tree.map(
+      lambda x, c, t: 0.5 * jnp.sum(c * (x - t) ** 2), w, curv, target)))
+  value_and_grad = jax.value_and_grad(loss_fn)
+  base = optim.make_base_optimizer(
+      optim.OptimizerConfig(lr=0.1, weight_decay=wd, momentum=momentum), lr_fn)
+  tx = make_optimizer(cfg, base, total_steps)
+  x = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), _nest(params))
+  state = tx.init(x)
+
+  @jax.jit
+  def step(x, state):
+    _, g = value_and_grad(x)
+    updates, state = tx.update(g, state, x, value_and_grad_fn=value_and_grad)
+    return optax.apply_updates(x, updates), state
+
+  for _ in range(steps):
+    x, state = step(x, state)
+  return x, state
+
+
+@pytest.mark.parametrize("name,rho,schedule", [("safe", 0.05, "cosine"), ("admm", 0.0, "linear"),
+                                               ("safe", 0.1, "constant"), ("iht", 0.0, "cosine")])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_update_rule_matches_float64_reference(name, rho, schedule, seed):
+  params, curv, target = _problem(seed)
+  steps, total, wd, momentum = 11, 20, 1e-3, 0.9
+  cfg = SparsifierConfig(name=name, sparsity=0.7, lam=0.5, lambda_schedule=schedule,
+                         dual_update_interval=3, rho=rho, sp_schedule="cubic", end_fraction=0.4)
+  lr_fn = optax.cosine_decay_schedule(0.05, total)
+  want_x, want_z, want_u = _reference_run(cfg, params, curv, target, lr_fn, steps, total, wd, momentum)
+  got_x, state = _jax_run(cfg, params, curv, target, lr_fn, steps, total, wd, momentum)
+  at = lambda tree, k: np.asarray(tree[k.split("/")[0]][k.split("/")[1]])
+  for k in params:
+    np.testing.assert_allclose(at(got_x, k), want_x[k], rtol=2e-5, atol=2e-5, err_msg=k)
+  if cfg.uses_admm:
+    z, u = optax.tree.get(state, "z"), optax.tree.get(state, "u")
+    for k in KERNEL_SHAPES:
+      np.testing.assert_allclose(at(z, k), want_z[k], rtol=2e-5, atol=2e-5)
+      np.testing.assert_allclose(at(u, k), want_u[k], rtol=2e-5, atol=2e-5)
+    n_kernel = sum(np.prod(s) for s in KERNEL_SHAPES.values())
+    assert sum(int(np.sum(at(z, k) == 0)) for k in KERNEL_SHAPES) == int(0.7 * n_kernel)
+
+
+def test_penalty_and_sam_only_touch_what_they_should():
+  """ADMM state exists only for kernels; SAM changes the gradient, rho = 0 does not."""
+  params, _, _ = _problem(3)
+  params = jax.tree.map(jnp.asarray, _nest(params))
+  tx = make_optimizer(SparsifierConfig(name="safe"), optax.sgd(0.1), 10)
+  state = tx.init(params)
+  z = optax.tree.get(state, "z")
+  assert isinstance(z["dense"]["bias"], optax.MaskedNode)
+  assert z["dense"]["kernel"].shape == (12, 5)
+  assert jax.tree.leaves(prunable_tree(params)) == [True, False, True]
+
+
+def test_gmp_mask_only_shrinks_and_reaches_target():
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(40, 30)), jnp.float32)}}
+  total = 50
+  cfg = SparsifierConfig(name="gmp", sparsity=0.9, begin_fraction=0.1, end_fraction=0.6,
+                         prune_interval=5)
+  tx = make_optimizer(cfg, optax.sgd(0.05), total)
+  state = tx.init(params)
+  prev = np.ones((40, 30), bool)
+  for t in range(total):
+    grads = {"dense": {"kernel": jnp.asarray(rng.normal(size=(40, 30)), jnp.float32)}}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    mask = np.asarray(optax.tree.get(state, "mask")["dense"]["kernel"])
+    assert not np.any(mask & ~prev), f"mask grew back at step {t}"
+    assert np.all(np.asarray(params["dense"]["kernel"])[~mask] == 0)
+    prev = mask
+  assert np.sum(~prev) == int(0.9 * prev.size)
+
+
+def test_one_shot_magnitude_is_dense_then_fixed():
+  rng = np.random.default_rng(1)
+  params = {"k": {"kernel": jnp.asarray(rng.normal(size=(20, 10)), jnp.float32)}}
+  tx = make_optimizer(SparsifierConfig(name="magnitude", sparsity=0.5, prune_fraction=0.5),
+                      optax.sgd(0.01), 10)
+  state = tx.init(params)
+  masks = []
+  for _ in range(10):
+    grads = {"k": {"kernel": jnp.asarray(rng.normal(size=(20, 10)), jnp.float32)}}
+    before = np.asarray(params["k"]["kernel"])
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    masks.append(np.asarray(optax.tree.get(state, "mask")["k"]["kernel"]))
+  assert all(m.all() for m in masks[:5])
+  assert all(np.array_equal(m, masks[5]) for m in masks[5:])
+  assert np.sum(~masks[5]) == 100
+
+
+@pytest.mark.parametrize("kwargs,flag", [({"name": "prune"}, "--sparsifier"),
+                                         ({"sparsity": 1.0}, "--sp"),
+                                         ({"scope": "row"}, "--sp_scope"),
+                                         ({"lambda_schedule": "step"}, "--lambda_schedule"),
+                                         ({"dual_update_interval": 0}, "--dual_update_interval"),
+                                         ({"rho": -1.0}, "--rho")])
+def test_invalid_config_names_the_flag(kwargs, flag):
+  with pytest.raises(ValueError, match=flag):
+    SparsifierConfig(**kwargs)

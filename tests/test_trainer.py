@@ -1,0 +1,83 @@
+"""End-to-end runs of the trainer on the debug config: outputs, sharding invariance, resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from safe_dist import trainer
+from safe_dist.checkpointing import Checkpointer
+from safe_dist.sparsity import weight_sparsity
+from trainer_helpers import debug_experiment, read_scalars, replace
+
+REQUIRED_TAGS = ("train/loss", "train/accuracy", "val/accuracy", "val/masked_accuracy",
+                 "sparsity/z", "admm/constraint_gap", "admm/lambda", "optim/lr", "sharpness/sam")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  exp = debug_experiment()
+  summary = trainer.train_and_evaluate(exp, workdir, config_json="{}")
+  return exp, workdir, summary
+
+
+def test_run_leaves_summary_events_config_and_checkpoint(finished_run):
+  exp, workdir, summary = finished_run
+  with open(os.path.join(workdir, "summary.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk == summary
+  for key in ("model", "dataset", "sparsifier", "target_sparsity", "weight_sparsity",
+              "val_accuracy", "steps"):
+    assert key in summary
+  assert summary["steps"] == exp.train.max_steps == 24
+  assert summary["weight_sparsity"] == pytest.approx(exp.sparsifier.sparsity, abs=1e-4)
+  assert 0.0 <= summary["val_accuracy"] <= 1.0
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+  for tag in REQUIRED_TAGS:
+    assert tag in scalars, f"missing tag {tag}"
+    assert all(np.isfinite(v) for _, v in scalars[tag]), tag
+  lam = dict(scalars["admm/lambda"])
+  assert lam[max(lam)] > lam[min(lam)] >= 0  # cosine penalty grows
+  run = trainer.setup(exp)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert checkpointer.latest_step() == 24
+  state = checkpointer.restore(24, run.abstract_state)
+  assert int(state.step) == 24
+  projected = run.project(state.params, None)
+  assert float(weight_sparsity(projected)) == pytest.approx(summary["weight_sparsity"])
+  checkpointer.close()
+
+
+def test_one_device_and_eight_devices_give_the_same_run(tmp_path):
+  assert jax.device_count() == 8
+  exp = debug_experiment(**{"train.max_steps": 10, "train.bnt_sample_size": 0})
+  single = replace(exp, "mesh", data=1, num_devices=1)
+  results = {}
+  for name, e in (("one", single), ("eight", exp)):
+    workdir = str(tmp_path / name)
+    summary = trainer.train_and_evaluate(e, workdir)
+    results[name] = (summary, read_scalars(os.path.join(workdir, "tensorboard")))
+  (s1, m1), (s8, m8) = results["one"], results["eight"]
+  assert s1["val_accuracy"] == pytest.approx(s8["val_accuracy"], abs=1e-6)
+  for tag in ("train/loss", "sharpness/sam", "admm/constraint_gap"):
+    np.testing.assert_allclose([v for _, v in m1[tag]], [v for _, v in m8[tag]],
+                               rtol=1e-4, atol=1e-5, err_msg=tag)
+
+
+def test_workdir_of_another_experiment_is_refused_untouched(finished_run):
+  _, workdir, _ = finished_run
+  other = replace(debug_experiment(), "sparsifier", name="gmp")
+  before = sorted(os.walk(workdir))
+  with pytest.raises(ValueError, match="holds a different run"):
+    trainer.train_and_evaluate(other, workdir)
+  assert sorted(os.walk(workdir)) == before
+
+
+def test_batch_size_not_divisible_by_data_parallel_size():
+  exp = debug_experiment(**{"train.batch_size": 30})
+  with pytest.raises(ValueError, match="--batch_size 30 must be divisible"):
+    trainer.setup(exp)
