@@ -134,8 +134,12 @@ def shardings_like_params(abstract_tree: Any, params: Any, param_shardings: Any,
     names = _path_names(path)
     for start in range(len(names)):
       hit = by_path.get(names[start:])
-      if hit is not None and hit[0] == leaf.shape:
+      if hit is None or len(hit[0]) != len(leaf.shape):
+        continue
+      if hit[0] == leaf.shape:
         return hit[1]
+      if hit[0][:-1] == leaf.shape[:-1]:  # e.g. a mask bit-packed along the last axis
+        return NamedSharding(mesh, _fit_spec(hit[1].spec, leaf.shape, mesh))
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(choose, abstract_tree)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from safe_dist.sparsity import prunable_leaves
+from safe_dist.sparsity.admm import auxiliary_and_dual, find_admm_state
 from safe_dist.train_state import TrainState
 
 # flax BatchNorm keeps running = momentum * running + (1 - momentum) * batch (models use 0.9).
@@ -34,8 +35,8 @@ def _tree_sq_norm(leaves):
 
 def admm_metrics(params, opt_state) -> dict[str, jax.Array]:
   """Sparsity of z, relative primal residual ||x - z|| / ||x|| and ||u||, over prunable kernels."""
-  z = prunable_leaves(optax.tree.get(opt_state, "z"))
-  u = prunable_leaves(optax.tree.get(opt_state, "u"))
+  admm_state = find_admm_state(opt_state)
+  z, u = (jax.tree.leaves(t) for t in auxiliary_and_dual(admm_state))
   x = prunable_leaves(params)
   gap = jnp.sqrt(_tree_sq_norm([a - b for a, b in zip(x, z)]))
   return {
@@ -43,6 +44,7 @@ def admm_metrics(params, opt_state) -> dict[str, jax.Array]:
       "admm/constraint_gap": gap / jnp.sqrt(_tree_sq_norm(x)),
       "admm/primal_residual": gap,
       "admm/dual_norm": jnp.sqrt(_tree_sq_norm(u)),
+      "admm/mask_change": admm_state.mask_change,
   }
 
 

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from safe_dist import optim
-from safe_dist.sparsity import SparsifierConfig, make_optimizer, prunable_tree
+from safe_dist.sparsity import (Projection, SparsifierConfig, auxiliary_and_dual, admm,
+                                find_admm_state, make_optimizer, prunable_tree)
 from safe_dist.sparsity import schedules
 
 KERNEL_SHAPES = {"conv/kernel": (3, 3, 2, 4), "dense/kernel": (12, 5)}  # in tree order
@@ -121,7 +122,7 @@ def test_update_rule_matches_float64_reference(name, rho, schedule, seed):
   for k in params:
     np.testing.assert_allclose(at(got_x, k), want_x[k], rtol=2e-5, atol=2e-5, err_msg=k)
   if cfg.uses_admm:
-    z, u = optax.tree.get(state, "z"), optax.tree.get(state, "u")
+    z, u = auxiliary_and_dual(find_admm_state(state))
     for k in KERNEL_SHAPES:
       np.testing.assert_allclose(at(z, k), want_z[k], rtol=2e-5, atol=2e-5)
       np.testing.assert_allclose(at(u, k), want_u[k], rtol=2e-5, atol=2e-5)
@@ -135,7 +136,7 @@ def test_penalty_and_sam_only_touch_what_they_should():
   params = jax.tree.map(jnp.asarray, _nest(params))
   tx = make_optimizer(SparsifierConfig(name="safe"), optax.sgd(0.1), 10)
   state = tx.init(params)
-  z = optax.tree.get(state, "z")
+  z, _ = auxiliary_and_dual(find_admm_state(state))
   assert isinstance(z["dense"]["bias"], optax.MaskedNode)
   assert z["dense"]["kernel"].shape == (12, 5)
   assert jax.tree.leaves(prunable_tree(params)) == [True, False, True]
@@ -188,3 +189,58 @@ def test_one_shot_magnitude_is_dense_then_fixed():
 def test_invalid_config_names_the_flag(kwargs, flag):
   with pytest.raises(ValueError, match=flag):
     SparsifierConfig(**kwargs)
+
+
+def _two_array_admm(projection, penalty_fn, interval):
+  """The textbook form that stores z and u (2x the weights), for the lean-state test."""
+
+  def init_fn(params):
+    return (jnp.zeros([], jnp.int32), params, jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params):
+    count, z, u = state
+
+    def dual_update(_):
+      a = jax.tree.map(jnp.add, params, u)
+      new_z = jax.tree.map(lambda x, m: x * m.astype(x.dtype), a,
+                           projection.masks(jax.tree.map(jnp.abs, a)))
+      return new_z, jax.tree.map(jnp.subtract, a, new_z)
+
+    z, u = jax.lax.cond(count % interval == 0, dual_update, lambda _: (z, u), None)
+    lam = penalty_fn(count)
+    updates = jax.tree.map(lambda g, x, z_, u_: g + (lam * (x - z_ + u_)).astype(g.dtype),
+                           updates, params, z, u)
+    return updates, (count + 1, z, u)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lean_state_is_bit_identical_and_small(seed):
+  rng = np.random.default_rng(seed)
+  shapes = {"a": (50, 100), "b": (3, 3, 16, 30)}  # last dims not multiples of 8
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  projection = Projection(0.8)
+  penalty = schedules.penalty_schedule(0.3, "cosine", 40)
+  lean, full = admm(projection, penalty, 3), _two_array_admm(projection, penalty, 3)
+  base = optax.sgd(0.05, momentum=0.9)
+  txs = [optax.chain(t, base) for t in (lean, full)]
+  xs = [params, params]
+  states = [t.init(params) for t in txs]
+  steps = [jax.jit(lambda g, s, x, t=t: t.update(g, s, x)) for t in txs]
+  for _ in range(17):
+    grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    for i in range(2):
+      updates, states[i] = steps[i](grads, states[i], xs[i])
+      xs[i] = optax.apply_updates(xs[i], updates)
+    for k in shapes:
+      np.testing.assert_array_equal(np.asarray(xs[0][k]), np.asarray(xs[1][k]))
+  z, u = auxiliary_and_dual(states[0][0])
+  for k in shapes:
+    np.testing.assert_array_equal(np.asarray(z[k]), np.asarray(states[1][0][1][k]))
+    np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(states[1][0][2][k]))
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  lean_bytes = sum(x.nbytes for x in jax.tree.leaves(states[0][0]))
+  full_bytes = sum(x.nbytes for x in jax.tree.leaves(states[1][0]))
+  assert lean_bytes <= 1.05 * weight_bytes < full_bytes
+  assert 0.0 < float(states[0][0].mask_change) < 1.0
