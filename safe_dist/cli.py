@@ -63,6 +63,7 @@ _FLAG_PATHS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dual_update_interval": ("sparsifier.dual_update_interval", int),
     "sp_schedule": ("sparsifier.sp_schedule", str),
     "rho": ("sparsifier.rho", float),
+    "importance": ("sparsifier.importance", str),
     "eval_sparsities": ("eval_sparsities", _parse_sparsities),
 }
 
@@ -99,7 +100,7 @@ def define_flags() -> Any:
   flags.DEFINE_float("warmup_epochs", 5, "Number of warm-up epochs.")
   flags.DEFINE_float("wd", 0.0001, "Weight decay.")
   flags.DEFINE_float("momentum", 0.9, "Momentum.")
-  flags.DEFINE_string("sparsifier", "safe", "Sparsifier (safe, admm, gmp, iht, magnitude, none).")
+  flags.DEFINE_string("sparsifier", "safe", "Sparsifier (safe, safe_plus, admm, gmp, iht, magnitude, none).")
   flags.DEFINE_float("sp", 0.95, "Target sparsity in [0, 1).")
   flags.DEFINE_string("sp_scope", "global", "Sparsity scope (global, layerwise, nm).")
   flags.DEFINE_string("nm", None, "N:M pattern for --sp_scope nm, e.g. 2:4.")
@@ -110,6 +111,8 @@ def define_flags() -> Any:
   flags.DEFINE_string("sp_schedule", "cubic", "Gradual sparsity schedule of GMP and IHT "
                       "(constant, linear, cosine, cubic).")
   flags.DEFINE_float("rho", 0.1, "SAM radius rho of SAFE.")
+  flags.DEFINE_string("importance", "activation",
+                      "SAFE+ importance P: activation (input norms, Wanda-style) or grad_sq.")
   flags.DEFINE_float("label_noise_ratio", 0.0, "Fraction of training labels flipped, in [0, 1).")
   flags.DEFINE_list("eval_sparsities", [], "Also evaluate the network hard-projected to these "
                     "sparsities.")

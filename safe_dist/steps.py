@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from safe_dist.sparsity import prunable_leaves
+from safe_dist.sparsity import importance, prunable_leaves
 from safe_dist.sparsity.admm import auxiliary_and_dual, find_admm_state
 from safe_dist.train_state import TrainState
 
@@ -49,24 +49,37 @@ def admm_metrics(params, opt_state) -> dict[str, jax.Array]:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
-                    uses_admm: bool, uses_sam: bool) -> Callable:
-  """train_step(state, batch) -> (state, metrics); one SAM/ADMM/... step on the global batch."""
+                    uses_admm: bool, uses_sam: bool, needs_input_norms: bool = False
+                    ) -> Callable:
+  """train_step(state, batch) -> (state, metrics); one SAM/ADMM/... step on the global batch.
 
-  def loss_fn(params, batch_stats, batch):
-    logits, new_vars = model.apply(_variables(params, batch_stats), batch["image"], train=True,
-                                   mutable=["batch_stats"] if batch_stats else [])
+  needs_input_norms: record each layer's mean squared input in the first forward pass and
+  pass it to `tx.update` as `input_sq_norms=` (SAFE+ with activation importance).
+  """
+
+  def loss_fn(params, batch_stats, batch, record_inputs=False):
+    mutable = ["batch_stats"] if batch_stats else []
+    apply = model.apply
+    if record_inputs:
+      apply, mutable = importance.recording_inputs(model.apply), mutable + ["intermediates"]
+    logits, new_vars = apply(_variables(params, batch_stats), batch["image"], train=True,
+                             mutable=mutable)
     return cross_entropy(logits, batch["label"]), (logits, new_vars)
 
   def train_step(state: TrainState, batch):
     (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch)
+        state.params, state.batch_stats, batch, needs_input_norms)
+    extra = {}
+    if needs_input_norms:
+      extra["input_sq_norms"] = jax.lax.stop_gradient(
+          importance.input_sq_norms(state.params, new_vars["intermediates"]))
 
     def perturbed_value_and_grad(params):
       # Batch statistics, but the running statistics are written by the first pass only.
       return jax.value_and_grad(lambda p: loss_fn(p, state.batch_stats, batch)[0])(params)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   value_and_grad_fn=perturbed_value_and_grad)
+                                   value_and_grad_fn=perturbed_value_and_grad, **extra)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "train/loss": loss,

@@ -179,7 +179,7 @@ def setup(exp: Experiment, devices=None) -> Run:
   replicated = sharding.replicated(mesh)
   sp = exp.sparsifier
   train_step = jax.jit(
-      steps_lib.make_train_step(model, tx, sp.uses_admm, sp.uses_sam),
+      steps_lib.make_train_step(model, tx, sp.uses_admm, sp.uses_sam, sp.needs_input_norms),
       in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
   eval_step = jax.jit(steps_lib.make_eval_step(model),

@@ -244,3 +244,56 @@ def test_lean_state_is_bit_identical_and_small(seed):
   full_bytes = sum(x.nbytes for x in jax.tree.leaves(states[1][0]))
   assert lean_bytes <= 1.05 * weight_bytes < full_bytes
   assert 0.0 < float(states[0][0].mask_change) < 1.0
+
+
+def _safe_plus_run(importance, input_scale, grads_scale):
+  """One SAFE+ dual update on weights of equal magnitude: the mask must follow P."""
+  n_in, n_out = 8, 6
+  params = {"dense": {"kernel": jnp.ones((n_in, n_out), jnp.float32),
+                      "bias": jnp.zeros((n_out,), jnp.float32)}}
+  cfg = SparsifierConfig(name="safe_plus", sparsity=0.5, importance=importance, rho=0.0)
+  tx = make_optimizer(cfg, optax.sgd(0.0), 10)
+  state = tx.init(params)
+  norms = {"dense": {"kernel": jnp.asarray(input_scale, jnp.float32).reshape(n_in, 1),
+                     "bias": jnp.zeros([])}}
+  grads = {"dense": {"kernel": jnp.asarray(grads_scale, jnp.float32),
+                     "bias": jnp.zeros((n_out,))}}
+  _, state = tx.update(grads, state, params, value_and_grad_fn=None, input_sq_norms=norms)
+  z, _ = auxiliary_and_dual(find_admm_state(state))
+  return np.asarray(z["dense"]["kernel"]) != 0
+
+
+def test_safe_plus_mask_follows_activation_importance():
+  scale = np.random.default_rng(0).permutation(8).astype(np.float32) + 1.0
+  kept = _safe_plus_run("activation", scale, np.zeros((8, 6)))
+  top_rows = np.argsort(-scale)[:4]
+  assert kept[top_rows].all() and not kept[np.setdiff1d(np.arange(8), top_rows)].any()
+
+
+def test_safe_plus_mask_follows_squared_gradients():
+  g = np.random.default_rng(1).normal(size=(8, 6)).astype(np.float32)
+  kept = _safe_plus_run("grad_sq", np.ones(8), g)
+  threshold = np.sort(np.abs(g).ravel())[24]
+  np.testing.assert_array_equal(kept, np.abs(g) >= threshold)
+
+
+def test_input_norms_are_recorded_per_input_feature():
+  import flax.linen as nn
+  from safe_dist.sparsity import importance
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(3, (3, 3))(x)
+      return nn.Dense(2)(x.reshape(x.shape[0], -1))
+
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 4, 4, 2)), jnp.float32)
+  net = Net()
+  params = net.init(jax.random.PRNGKey(0), x)["params"]
+  _, state = importance.recording_inputs(net.apply)({"params": params}, x,
+                                                    mutable=["intermediates"])
+  norms = importance.input_sq_norms(params, state["intermediates"])
+  want_conv = np.mean(np.asarray(x, np.float64) ** 2, axis=(0, 1, 2))
+  np.testing.assert_allclose(np.asarray(norms["Conv_0"]["kernel"]).ravel(), want_conv, rtol=1e-5)
+  assert norms["Dense_0"]["kernel"].shape == (48, 1)
+  assert norms["Conv_0"]["bias"].shape == ()

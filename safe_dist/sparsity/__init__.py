@@ -1,6 +1,7 @@
 """Sparsifiers as optax transformations, and the exact projection they share."""
 
 from safe_dist.sparsity.admm import ADMMState, admm, auxiliary_and_dual, find_admm_state
+from safe_dist.sparsity.importance import IMPORTANCE_SOURCES
 from safe_dist.sparsity.factory import SPARSIFIERS, SparsifierConfig, make_optimizer
 from safe_dist.sparsity.masking import (SCOPES, Projection, prunable_leaves, prunable_tree,
                                         weight_sparsity)

@@ -8,10 +8,11 @@ import optax
 from safe_dist.sparsity import pruning
 from safe_dist.sparsity import schedules
 from safe_dist.sparsity.admm import admm
+from safe_dist.sparsity.importance import IMPORTANCE_SOURCES
 from safe_dist.sparsity.sam import sam_gradient
 from safe_dist.sparsity.masking import Projection, prunable_tree
 
-SPARSIFIERS = ("safe", "admm", "gmp", "iht", "magnitude", "none")
+SPARSIFIERS = ("safe", "safe_plus", "admm", "gmp", "iht", "magnitude", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +21,7 @@ class SparsifierConfig:
 
   name [--sparsifier]: one of SPARSIFIERS. sparsity [--sp], scope [--sp_scope], n_m [--nm].
   SAFE/ADMM: lam [--lambda], lambda_schedule, dual_update_interval (K), rho (SAM radius, SAFE).
+  SAFE+: importance [--importance] "activation" (input norms, Wanda-style) or "grad_sq".
   GMP/IHT: sp_schedule from `begin_fraction` to `end_fraction` of training, GMP every
   `prune_interval` steps. magnitude: prune once at `prune_fraction` of training, then fine-tune.
   """
@@ -31,6 +33,7 @@ class SparsifierConfig:
   lambda_schedule: str = "cosine"
   dual_update_interval: int = 32
   rho: float = 0.1
+  importance: str = "activation"
   sp_schedule: str = "cubic"
   begin_fraction: float = 0.0
   end_fraction: float = 0.75
@@ -49,6 +52,9 @@ class SparsifierConfig:
                        f"got {self.sp_schedule!r}")
     if self.dual_update_interval < 1:
       raise ValueError(f"--dual_update_interval must be >= 1, got {self.dual_update_interval}")
+    if self.importance not in IMPORTANCE_SOURCES:
+      raise ValueError(f"--importance must be one of {IMPORTANCE_SOURCES}, "
+                       f"got {self.importance!r}")
     if self.rho < 0:
       raise ValueError(f"--rho must be >= 0, got {self.rho}")
     if self.lam < 0:
@@ -62,11 +68,16 @@ class SparsifierConfig:
 
   @property
   def uses_admm(self) -> bool:
-    return self.name in ("safe", "admm")
+    return self.name in ("safe", "safe_plus", "admm")
 
   @property
   def uses_sam(self) -> bool:
-    return self.name == "safe" and self.rho > 0
+    return self.name in ("safe", "safe_plus") and self.rho > 0
+
+  @property
+  def needs_input_norms(self) -> bool:
+    """The train step must pass `input_sq_norms=` (SAFE+ with activation importance)."""
+    return self.name == "safe_plus" and self.importance == "activation"
 
   @property
   def target_sparsity(self) -> float:
@@ -81,7 +92,8 @@ def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
     return optax.with_extra_args_support(base)
   if cfg.uses_admm:
     penalty = schedules.penalty_schedule(cfg.lam, cfg.lambda_schedule, total_steps)
-    parts = [optax.masked(admm(projection, penalty, cfg.dual_update_interval),
+    importance = cfg.importance if cfg.name == "safe_plus" else None
+    parts = [optax.masked(admm(projection, penalty, cfg.dual_update_interval, importance),
                           prunable_tree), base]
     if cfg.uses_sam:
       parts.insert(0, sam_gradient(cfg.rho))
