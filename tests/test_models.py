@@ -1,0 +1,133 @@
+"""Models: shapes, parameter counts, logical axis names, batch statistics, normalisation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from safe_dist import models
+
+CIFAR = ((32, 32, 3), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+MNIST = ((28, 28, 1), (0.13,), (0.31,))
+BN_NAMES = [n for n in models.MODEL_NAMES if n.startswith("ResNet") or n.endswith("-bn")]
+
+
+def abstract_init(name, data=CIFAR, num_classes=10, dtype=jnp.float32):
+  shape, mean, std = data
+  model = models.create_model(name, num_classes, mean, std, dtype=dtype)
+  x = jnp.zeros((2, *shape), jnp.float32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), nn.unbox(boxed))
+  return boxed, out
+
+
+def num_params(boxed):
+  return sum(x.size for x in jax.tree.leaves(nn.unbox(boxed)["params"]))
+
+
+def kernel_specs(boxed):
+  specs = nn.get_partition_spec(boxed["params"])
+  shapes = nn.unbox(boxed["params"])
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  spec_of = dict(jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))[0])
+  return {jax.tree_util.keystr(p): (x.shape, spec_of[p]) for p, x in flat
+          if p[-1].key == "kernel"}
+
+
+def test_names():
+  assert len(models.MODEL_NAMES) == 15
+  assert "VGG19-bn" in models.MODEL_NAMES and "ResNet32x2" in models.MODEL_NAMES
+  assert set(BN_NAMES) == {n for n in models.MODEL_NAMES if models.has_batch_norm(n)}
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_init_shapes_and_axis_names(name):
+  boxed, out = abstract_init(name, num_classes=100)
+  assert out.shape == (2, 100) and out.dtype == jnp.float32
+  assert ("batch_stats" in boxed) == models.has_batch_norm(name)
+  specs = kernel_specs(boxed)
+  assert specs
+  for path, (shape, spec) in specs.items():
+    want = models.layers.CONV_AXES if len(shape) == 4 else models.layers.DENSE_AXES
+    assert tuple(spec) == want, path
+
+
+@pytest.mark.parametrize("name", ["LeNet300-100", "ResNet20", "VGG11", "VGG19-bn"])
+def test_mnist_shapes(name):
+  _, out = abstract_init(name, data=MNIST)
+  assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("name,data,expected", [
+    ("LeNet300-100", MNIST, 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10),  # 266,610
+    # 0.27M: option A's 269,722 plus the two 1x1 projection convs and their BN scale/bias.
+    ("ResNet20", CIFAR, 269_722 + 16 * 32 + 32 * 64 + 2 * (32 + 64)),  # 272,474
+    ("ResNet32", CIFAR, 464_154 + 16 * 32 + 32 * 64 + 2 * (32 + 64)),  # 466,906
+    # CIFAR VGG19-bn with one linear layer has 20,040,522; safe-jax's head adds 512 -> 512.
+    ("VGG19-bn", CIFAR, 20_040_522 + 2 * (512 * 512 + 512)),  # 20,565,834
+])
+def test_param_counts(name, data, expected):
+  boxed, _ = abstract_init(name, data=data)
+  assert num_params(boxed) == expected
+
+
+def test_resnet_x2_doubles_widths():
+  boxed, _ = abstract_init("ResNet20x2")
+  shapes = nn.unbox(boxed)["params"]
+  assert shapes["conv_init"]["kernel"].shape == (3, 3, 3, 32)
+  assert shapes["stage3_block1"]["proj_conv"]["kernel"].shape == (1, 1, 64, 128)
+  assert "bias" not in shapes["conv_init"]
+
+
+def test_half_precision_keeps_float32_params_and_logits():
+  boxed, out = abstract_init("ResNet20", dtype=jnp.bfloat16)
+  assert out.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(boxed)))
+
+
+@pytest.mark.parametrize("name,data", [("LeNet300-100", MNIST), ("ResNet20", CIFAR),
+                                       ("VGG11-bn", CIFAR)])
+def test_apply_normalises_and_updates_batch_stats(name, data):
+  shape, mean, std = data
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, *shape))
+  model = models.create_model(name, 10, mean, std)
+  shifted = models.create_model(name, 10, [m + 0.3 for m in mean], std)
+  mutable = ["batch_stats"] if models.has_batch_norm(name) else []
+
+  @jax.jit  # one compilation: op-by-op execution of a ResNet on CPU is slow
+  def run(x):
+    variables = nn.unbox(model.init(jax.random.PRNGKey(0), x[:1], train=False))
+    logits = model.apply(variables, x, train=False)
+    train_logits, new_vars = model.apply(variables, x, train=True, mutable=mutable)
+    return variables, logits, shifted.apply(variables, x, train=False), train_logits, new_vars
+
+  variables, logits, shifted_logits, train_logits, new_vars = run(x)
+  assert np.all(np.isfinite(logits))
+  assert not np.allclose(logits, shifted_logits)
+  if mutable:
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), variables["batch_stats"],
+                           new_vars["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+  else:
+    np.testing.assert_allclose(train_logits, logits, rtol=1e-6)
+
+
+def test_unknown_name():
+  with pytest.raises(ValueError, match="--model.*ResNet20"):
+    models.create_model("ResNet18", 10, (0.5,), (0.5,))
+  with pytest.raises(ValueError, match="--model"):
+    models.has_batch_norm("AlexNet")
+
+
+def test_kernels_shard_over_fsdp_and_tensor():
+  from safe_dist import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  boxed, _ = abstract_init("VGG11-bn")
+  shardings = sharding.shardings_for(boxed["params"], mesh)
+  assert shardings["conv2_1"]["kernel"].spec == P(None, None, "fsdp", "tensor")
+  assert shardings["bn2_1"]["scale"].spec == P("tensor",)
+  assert shardings["fc1"]["kernel"].spec == P("fsdp", "tensor")
+  assert shardings["conv1_1"]["kernel"].spec == P(None, None, None, "tensor")  # 3 input channels
