@@ -1,0 +1,212 @@
+"""Plots and a markdown table over finished runs, from their TensorBoard events and summary.json.
+
+    python -m safe_dist.report WORKDIR [WORKDIR ...] [--out DIR]
+
+Writes accuracy_vs_sparsity.png, training_curves.png and report.md to DIR (default: the
+first workdir's `report/`). Only these three files are written; existing ones are replaced,
+and each replacement is reported.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+SUMMARY_FILE = "summary.json"
+ACCURACY_PNG = "accuracy_vs_sparsity.png"
+CURVES_PNG = "training_curves.png"
+REPORT_MD = "report.md"
+CURVE_TAGS = (
+    ("train/loss", "training loss"),
+    ("val/masked_accuracy", "accuracy (projected weights)"),
+    ("admm/constraint_gap", "||w - z|| / ||w||"),
+    ("admm/lambda", "penalty lambda"),
+    ("sharpness/sam", "f(w + e) - f(w)"),
+    ("sharpness/hessian_max_eig", "top Hessian eigenvalue"),
+)
+
+
+class Run(NamedTuple):
+  name: str
+  workdir: str
+  summary: dict
+  scalars: dict  # tag -> (steps, values), sorted by step
+
+
+def load_scalars(workdir: str) -> dict:
+  """All scalar series of the event files under workdir; a rewritten step keeps the latest."""
+  # pylint: disable-next=import-outside-toplevel
+  from tensorboard.backend.event_processing import event_accumulator
+  by_tag = defaultdict(dict)  # tag -> step -> (wall_time, value)
+  folders = sorted({root for root, _, files in os.walk(workdir)
+                    if any("tfevents" in f for f in files)})
+  for folder in folders:
+    acc = event_accumulator.EventAccumulator(
+        folder, size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+      for event in acc.Scalars(tag):
+        old = by_tag[tag].get(event.step)
+        if old is None or event.wall_time >= old[0]:
+          by_tag[tag][event.step] = (event.wall_time, event.value)
+  return {tag: (np.array(sorted(points)), np.array([points[s][1] for s in sorted(points)]))
+          for tag, points in by_tag.items()}
+
+
+def load_run(workdir: str, name: str) -> Run:
+  path = os.path.join(workdir, SUMMARY_FILE)
+  summary = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      summary = json.load(f)
+  else:
+    print(f"warning: {path} not found; {name} has curves only", file=sys.stderr)
+  return Run(name, workdir, summary, load_scalars(workdir))
+
+
+def run_names(workdirs: list[str]) -> list[str]:
+  """Folder names, made unique with a suffix where two runs share one."""
+  names, seen = [], defaultdict(int)
+  for w in workdirs:
+    base = os.path.basename(os.path.normpath(os.path.abspath(w)))
+    seen[base] += 1
+    names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+  return names
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def plot_accuracy_vs_sparsity(runs: list[Run], path: str) -> bool:
+  """Final val_accuracy against target_sparsity, one series per sparsifier; False if no data."""
+  series = defaultdict(list)
+  for r in runs:
+    s = r.summary
+    if s.get("target_sparsity") is not None and s.get("val_accuracy") is not None:
+      series[s.get("sparsifier", "?")].append((100 * s["target_sparsity"],
+                                               100 * s["val_accuracy"]))
+  if not series:
+    return False
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.8))
+  markers = "osD^vP*X"
+  for i, (sparsifier, points) in enumerate(sorted(series.items())):
+    x, y = zip(*sorted(points))
+    ax.plot(x, y, marker=markers[i % len(markers)], markersize=7, linewidth=1.5, label=sparsifier)
+  ax.set_xlabel("target sparsity (%)")
+  ax.set_ylabel("final validation accuracy (%)")
+  ax.set_title("Accuracy vs sparsity")
+  ax.grid(True, alpha=0.3)
+  ax.legend(title="sparsifier")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def plot_training_curves(runs: list[Run], path: str) -> bool:
+  """One subplot per tag of CURVE_TAGS that some run has; False if none has any."""
+  tags = [(t, label) for t, label in CURVE_TAGS if any(t in r.scalars for r in runs)]
+  if not tags:
+    return False
+  plt = _pyplot()
+  cols = min(3, len(tags))
+  rows = math.ceil(len(tags) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows + 0.6), squeeze=False)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, (tag, label) in zip(axes.flat, tags):
+    for i, r in enumerate(runs):
+      if tag in r.scalars:
+        steps, values = r.scalars[tag]
+        ax.plot(steps, values, color=colors[i % len(colors)], linewidth=1.5, label=r.name)
+    ax.set_title(tag)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(True, alpha=0.3)
+  for ax in list(axes.flat)[len(tags):]:
+    ax.set_visible(False)
+  handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2, label=r.name)
+             for i, r in enumerate(runs)]
+  fig.legend(handles=handles, loc="lower center", ncol=min(len(runs), 4), frameon=False,
+             title="run")
+  legend_rows = math.ceil(len(runs) / 4)
+  fig.tight_layout(rect=(0, (0.45 + 0.25 * legend_rows) / (3.6 * rows + 0.6), 1, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def _pct(value) -> str:
+  return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def markdown(runs: list[Run], pngs: list[str]) -> str:
+  lines = ["# SAFE pruning report", "",
+           "| run | model | dataset | sparsifier | target sparsity | measured sparsity "
+           "| accuracy | steps |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
+  for r in runs:
+    s = r.summary
+    lines.append(
+        f"| {r.name} | {s.get('model', '-')} | {s.get('dataset', '-')} "
+        f"| {s.get('sparsifier', '-')} | {_pct(s.get('target_sparsity'))} "
+        f"| {_pct(s.get('weight_sparsity'))} | {_pct(s.get('val_accuracy'))} "
+        f"| {s.get('steps', '-')} |")
+  lines += ["", "Accuracy: validation accuracy of the final, projected and BN-recalibrated "
+            "network. Runs: " + ", ".join(f"`{r.name}` = `{r.workdir}`" for r in runs) + "."]
+  for png in pngs:
+    title = os.path.splitext(png)[0].replace("_", " ")
+    lines += ["", f"## {title}", "", f"![{title}]({png})", "", f"[{png}]({png})"]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(workdirs: list[str], out_dir: Optional[str] = None) -> str:
+  """Reads the runs, writes the PNGs and report.md; returns the markdown's path."""
+  for w in workdirs:
+    if not os.path.isdir(w):
+      raise FileNotFoundError(f"workdir {w!r} does not exist")
+  out_dir = out_dir or os.path.join(workdirs[0], "report")
+  os.makedirs(out_dir, exist_ok=True)
+  runs = [load_run(w, n) for w, n in zip(workdirs, run_names(workdirs))]
+
+  def target(name):
+    path = os.path.join(out_dir, name)
+    if os.path.exists(path):
+      print(f"replacing {path}")
+    return path
+
+  pngs = []
+  if plot_accuracy_vs_sparsity(runs, target(ACCURACY_PNG)):
+    pngs.append(ACCURACY_PNG)
+  if plot_training_curves(runs, target(CURVES_PNG)):
+    pngs.append(CURVES_PNG)
+  path = target(REPORT_MD)
+  with open(path, "w") as f:
+    f.write(markdown(runs, pngs))
+  for name in pngs + [REPORT_MD]:
+    print(f"wrote {os.path.join(out_dir, name)}")
+  return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m safe_dist.report", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories")
+  parser.add_argument("--out", default=None,
+                      help="output directory (default: the first WORKDIR's report/)")
+  args = parser.parse_args(argv)
+  write_report(args.workdirs, args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
