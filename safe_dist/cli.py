@@ -122,14 +122,36 @@ def define_flags() -> Any:
   return config_flag
 
 
-def with_default_config(argv: list[str]) -> list[str]:
-  """Prepends `--config config:reference` unless the command line names a base config."""
-  names = ("config:", "config_file:", "config_str:")
+CONFIG_NAMES = ("reference", "cifar10_vgg19", "cifar10_resnet20", "cifar100_resnet32",
+                "cifar100_vgg19", "fashion_mnist_lenet", "debug")
+FIDDLER_NAMES = ("debug_mode", "layerwise", "admm")
+
+
+def _config_values(argv: list[str]) -> list[str]:
+  values = []
   for i, arg in enumerate(argv):
-    value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
-        argv[i + 1] if arg == "--config" and i + 1 < len(argv) else "")
-    if value.startswith(names):
-      return argv
+    if arg.startswith("--config="):
+      values.append(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(argv):
+      values.append(argv[i + 1])
+  return values
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+  """Prepends `--config config:reference` unless the command line names a base config.
+
+  Unknown `config:` / `fiddler:` names stop here with the list of allowed ones (fiddle's own
+  message for them is about imports).
+  """
+  values = _config_values(argv)
+  for value in values:
+    kind, _, name = value.partition(":")
+    name = name.split("(")[0]
+    allowed = {"config": CONFIG_NAMES, "fiddler": FIDDLER_NAMES}.get(kind)
+    if allowed is not None and name not in allowed:
+      fail(f"--config {kind}:{name}: unknown {kind}; allowed: {', '.join(allowed)}")
+  if any(v.startswith(("config:", "config_file:", "config_str:")) for v in values):
+    return argv
   return argv[:1] + [f"--config=config:{DEFAULT_CONFIG}"] + argv[1:]
 
 

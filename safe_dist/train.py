@@ -5,6 +5,7 @@
         --rho 0.1 --dual_update_interval 32 --sp .95 --seed 1
 """
 
+import logging as logging_std
 import os
 import signal
 import sys
@@ -50,9 +51,17 @@ def _print_table(summary: dict, seconds: float, workdir: str) -> None:
   print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
 
 
+def _quiet_libraries() -> None:
+  """Keeps the console to our own progress lines: other libraries' INFO records are dropped."""
+  own = os.path.dirname(os.path.abspath(__file__))
+  keep = lambda record: record.levelno >= logging_std.WARNING or record.pathname.startswith(own)
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _quiet_libraries()
   from safe_dist import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax  # pylint: disable=g-import-not-at-top

@@ -342,7 +342,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
       interrupted = True
       break
   flush_metrics(keep_last=False)
-  checkpointer.save(step, state, train_iter, force=True)
+  if checkpointer.latest_step() != step:
+    checkpointer.save(step, state, train_iter, force=True)
   checkpointer.wait()
   if interrupted:
     checkpointer.close()

@@ -82,3 +82,12 @@ def test_reference_flags_map_onto_the_config(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ["VGG19-bn", "cifar10", "300.0", "safe", "0.0001", "cosine",
                                    "0.1", "32", "0.95", "1", "128", "0.1"]
+
+
+def test_config_names_match_the_configs_module():
+  import inspect
+  import configs
+  from safe_dist import cli
+  public = {n for n, f in vars(configs).items() if inspect.isfunction(f) and not n.startswith("_")
+            and f.__module__ == configs.__name__}
+  assert public == set(cli.CONFIG_NAMES) | set(cli.FIDDLER_NAMES)
