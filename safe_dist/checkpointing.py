@@ -36,6 +36,17 @@ class Checkpointer:
       logging.info("checkpoint: saving step %d (asynchronously)", step)
     return saved
 
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None) -> Optional[Any]:
+    """The newest checkpoint that restores; incomplete or corrupt ones are skipped with a
+    warning. None when there is none."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint of step %d cannot be restored (%s: %s); trying an older "
+                        "one", step, type(e).__name__, str(e).split("\n")[0][:300])
+    return None
+
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
     """Restores the state into `abstract_state`'s shapes and shardings (any mesh)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}

@@ -280,13 +280,12 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=exp.train.keep_checkpoints)
   train_iter = _make_train_iterator(exp)
-  latest = checkpointer.latest_step() if resume else None
-  if latest is not None:
-    logging.info("resuming from the checkpoint of step %d in %s", latest, workdir)
-    state = checkpointer.restore(latest, run.abstract_state, train_iter)
-  else:
+  state = checkpointer.restore_latest(run.abstract_state, train_iter) if resume else None
+  if state is None:
     state = run.init(exp.train.seed)
   start_step = int(jax.device_get(state.step))
+  if start_step:
+    logging.info("resumed from the checkpoint of step %d in %s", start_step, workdir)
 
   writer = MetricWriter(os.path.join(workdir, "tensorboard"))
   lam_fn = penalty_schedule(sp.lam, sp.lambda_schedule, plan.total_steps)
