@@ -81,6 +81,10 @@ def debug() -> fdl.Config[Experiment]:
   cfg.train.eval_every_epochs = 0.5
   cfg.train.checkpoint_every_steps = 8
   cfg.train.bnt_sample_size = 64
+  cfg.train.sharpness_every_epochs = 0.5
+  cfg.train.sharpness_batch_size = 64
+  cfg.train.sharpness_iters = 5
+  cfg.train.sharpness_samples = 2
   cfg.sparsifier.dual_update_interval = 4
   return cfg
 
@@ -99,6 +103,10 @@ def debug_mode(cfg: fdl.Config[Experiment]) -> fdl.Config[Experiment]:
   cfg.train.checkpoint_every_steps = 10
   cfg.train.check_nans = True
   cfg.train.bnt_sample_size = min(cfg.train.bnt_sample_size, 256)
+  cfg.train.sharpness_every_epochs = 0.5
+  cfg.train.sharpness_batch_size = min(cfg.train.sharpness_batch_size, 64)
+  cfg.train.sharpness_iters = min(cfg.train.sharpness_iters, 5)
+  cfg.train.sharpness_samples = min(cfg.train.sharpness_samples, 2)
   return cfg
 
 

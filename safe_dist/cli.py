@@ -64,6 +64,7 @@ _FLAG_PATHS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sp_schedule": ("sparsifier.sp_schedule", str),
     "rho": ("sparsifier.rho", float),
     "importance": ("sparsifier.importance", str),
+    "sharpness_every": ("train.sharpness_every_epochs", float),
     "eval_sparsities": ("eval_sparsities", _parse_sparsities),
 }
 
@@ -113,6 +114,8 @@ def define_flags() -> Any:
   flags.DEFINE_float("rho", 0.1, "SAM radius rho of SAFE.")
   flags.DEFINE_string("importance", "activation",
                       "SAFE+ importance P: activation (input norms, Wanda-style) or grad_sq.")
+  flags.DEFINE_float("sharpness_every", 10.0, "Epochs between Hessian eigenvalue/trace "
+                     "estimates on a held-out batch (0: never).")
   flags.DEFINE_float("label_noise_ratio", 0.0, "Fraction of training labels flipped, in [0, 1).")
   flags.DEFINE_list("eval_sparsities", [], "Also evaluate the network hard-projected to these "
                     "sparsities.")

@@ -65,6 +65,12 @@ class TrainConfig:
   checkpoint_every_steps: Optional[int] = None
   keep_checkpoints: int = 3
   check_nans: bool = False
+  # Hessian top eigenvalue and trace on a fixed held-out batch every `sharpness_every_epochs`
+  # (0: never), for x and for Proj(x).
+  sharpness_every_epochs: float = 10.0
+  sharpness_batch_size: int = 256
+  sharpness_iters: int = 20
+  sharpness_samples: int = 10
 
   def __post_init__(self):
     if self.num_epochs <= 0:
@@ -75,6 +81,8 @@ class TrainConfig:
       raise ValueError(f"--bnt_sample_size must be >= 0, got {self.bnt_sample_size}")
     if self.checkpoint_every_epoch < 1:
       raise ValueError(f"--checkpoint_every_epoch must be >= 1, got {self.checkpoint_every_epoch}")
+    if self.sharpness_every_epochs < 0:
+      raise ValueError(f"--sharpness_every must be >= 0 epochs, got {self.sharpness_every_epochs}")
     if self.max_steps is not None and self.max_steps < 1:
       raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
 

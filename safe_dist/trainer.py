@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from safe_dist import data as data_lib
+from safe_dist import monitoring
 from safe_dist import optim
 from safe_dist import sharding
 from safe_dist import steps as steps_lib
@@ -34,7 +35,10 @@ SUMMARY_FILE = "summary.json"
 # Fields that may differ when a run is resumed: cadence, placement and paths, not the math.
 _RESUMABLE_DIFFERENCES = {"mesh", "data.data_dir", "train.log_every_steps",
                           "train.keep_checkpoints", "train.checkpoint_every_epoch",
-                          "train.checkpoint_every_steps", "train.check_nans"}
+                          "train.checkpoint_every_steps", "train.check_nans",
+                          "train.eval_every_epochs", "train.sharpness_every_epochs",
+                          "train.sharpness_batch_size", "train.sharpness_iters",
+                          "train.sharpness_samples", "eval_sparsities"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +101,7 @@ class RunPlan:
   total_steps: int
   eval_every_steps: int
   checkpoint_every_steps: int
+  sharpness_every_steps: int  # 0: never
 
   def fires(self, step: int, every: int) -> bool:
     return every > 0 and (step % every == 0 or step == self.total_steps)
@@ -111,7 +116,9 @@ def make_plan(exp: Experiment, num_train: int) -> RunPlan:
   total = tc.max_steps or max(int(round(tc.num_epochs * steps_per_epoch)), 1)
   eval_every = max(int(round(tc.eval_every_epochs * steps_per_epoch)), 1)
   ckpt_every = tc.checkpoint_every_steps or tc.checkpoint_every_epoch * steps_per_epoch
-  return RunPlan(steps_per_epoch, total, eval_every, ckpt_every)
+  sharpness_every = (max(int(round(tc.sharpness_every_epochs * steps_per_epoch)), 1)
+                     if tc.sharpness_every_epochs > 0 else 0)
+  return RunPlan(steps_per_epoch, total, eval_every, ckpt_every, sharpness_every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +140,7 @@ class Run:
   train_step: Callable
   eval_step: Callable
   project: Callable
+  sharpness: Callable  # (params, batch_stats, batch, key) -> Hessian max eigenvalue and trace
 
 
 def validate(exp: Experiment, mesh) -> None:
@@ -193,10 +201,13 @@ def setup(exp: Experiment, devices=None) -> Run:
 
   def project(params, sparsity: Optional[float] = None):
     return projector(sparsity)(params)
+  sharpness = monitoring.make_sharpness(
+      model, param_shardings, state_shardings.batch_stats, batch_spec, replicated,
+      exp.train.sharpness_iters, exp.train.sharpness_samples)
   return Run(exp, mesh, info, plan, model, lr_fn, state_shardings, param_shardings,
              abstract_like(abstract, state_shardings),
              jax.jit(init, static_argnums=(0,), out_shardings=state_shardings),
-             train_step, eval_step, project)
+             train_step, eval_step, project, sharpness)
 
 
 def evaluate(run: Run, params, batch_stats, split="test") -> dict:
@@ -261,6 +272,48 @@ class _Progress:
     return f"step {step}/{self.total} ({rate:.1f} steps/s, ETA {eta / 60:.1f} min) {shown}"
 
 
+def _log_evaluation(run: Run, state: TrainState, writer: MetricWriter, step: int) -> None:
+  """Validation accuracy of x and of Proj(x), and the sparsity of the method's iterate."""
+  sp = run.exp.sparsifier
+  projected = run.project(state.params, None)
+  val = evaluate(run, state.params, state.batch_stats)
+  masked = evaluate(run, projected, state.batch_stats)
+  iterate = monitoring.sparse_iterate(state.params, state.opt_state, sp.uses_admm)
+  layers = monitoring.per_layer_sparsity(iterate)
+  writer.scalars(step, {"val/accuracy": val["accuracy"], "val/loss": val["loss"],
+                        "val/masked_accuracy": masked["accuracy"],
+                        "sparsity/projected_weights": float(weight_sparsity(projected)),
+                        "sparsity/target": sp.target_sparsity})
+  writer.histogram(step, "sparsity/per_layer", list(layers.values()))
+  writer.text(step, "sparsity/per_layer",
+              monitoring.sparsity_table(layers, monitoring.layer_sizes(state.params)))
+  writer.flush()
+  logging.info("step %d: val accuracy %.4f, masked (%.0f%%) accuracy %.4f", step,
+               val["accuracy"], 100 * sp.target_sparsity, masked["accuracy"])
+
+
+def _held_out_batch(run: Run) -> dict:
+  """The fixed batch of the sharpness estimates: the first test examples."""
+  dp = sharding.data_parallel_size(run.mesh)
+  size = math.ceil(run.exp.train.sharpness_batch_size / dp) * dp
+  local = next(iter(data_lib.make_eval_batches(
+      run.exp.data.name, batch_size=size, split="test", data_dir=run.exp.data.data_dir,
+      max_examples=run.exp.data.max_eval_examples, process_index=jax.process_index(),
+      process_count=jax.process_count())))
+  return _global_batch(run.mesh, local)
+
+
+def _log_sharpness(run: Run, state: TrainState, writer: MetricWriter, step: int,
+                   batch: dict) -> None:
+  key = jax.random.PRNGKey(run.exp.train.seed)  # the same probe vectors at every step
+  values = monitoring.sharpness_metrics(run.sharpness, state.params,
+                                        run.project(state.params, None), state.batch_stats,
+                                        batch, key)
+  writer.scalars(step, values)
+  logging.info("step %d: %s", step, " ".join(f"{k.split('/')[-1]}={v:.4g}"
+                                              for k, v in values.items()))
+
+
 def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
                        config_json: Optional[str] = None,
                        stop_requested: Callable[[], bool] = lambda: False) -> dict:
@@ -312,10 +365,12 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
       mean["admm/lambda"] = float(lam_fn(step - 1))
     rate = progress.step_rate(step)
     mean["perf/steps_per_sec"] = rate
+    mean["perf/step_time"] = 1.0 / max(rate, 1e-9)
     mean["perf/examples_per_sec"] = rate * exp.train.batch_size
     writer.scalars(step, mean)
     logging.info(progress.line(step, rate, mean))
 
+  held_out = _held_out_batch(run) if plan.sharpness_every_steps else None
   step = start_step
   while step < plan.total_steps:
     batch = _global_batch(run.mesh, next(train_iter))
@@ -326,15 +381,10 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
       flush_metrics(keep_last=True)
     if plan.fires(step, plan.eval_every_steps):
       flush_metrics(keep_last=False)
-      val = evaluate(run, state.params, state.batch_stats)
-      masked = evaluate(run, run.project(state.params, None), state.batch_stats)
-      writer.scalars(step, {"val/accuracy": val["accuracy"], "val/loss": val["loss"],
-                            "val/masked_accuracy": masked["accuracy"],
-                            "sparsity/projected_weights":
-                                float(weight_sparsity(run.project(state.params, None)))})
-      writer.flush()
-      logging.info("step %d: val accuracy %.4f, masked (%.0f%%) accuracy %.4f", step,
-                   val["accuracy"], 100 * sp.target_sparsity, masked["accuracy"])
+      _log_evaluation(run, state, writer, step)
+    if plan.fires(step, plan.sharpness_every_steps):
+      flush_metrics(keep_last=False)
+      _log_sharpness(run, state, writer, step, held_out)
     if plan.fires(step, plan.checkpoint_every_steps):
       checkpointer.save(step, state, train_iter)
     if stop_requested() and step < plan.total_steps:

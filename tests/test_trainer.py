@@ -10,10 +10,14 @@ import pytest
 from safe_dist import trainer
 from safe_dist.checkpointing import Checkpointer
 from safe_dist.sparsity import weight_sparsity
-from trainer_helpers import debug_experiment, read_scalars, replace
+from trainer_helpers import debug_experiment, read_scalars, read_tags, replace
 
 REQUIRED_TAGS = ("train/loss", "train/accuracy", "val/accuracy", "val/masked_accuracy",
-                 "sparsity/z", "admm/constraint_gap", "admm/lambda", "optim/lr", "sharpness/sam")
+                 "sparsity/z", "admm/constraint_gap", "admm/lambda", "optim/lr", "sharpness/sam",
+                 "sparsity/projected_weights", "admm/dual_norm", "admm/mask_change",
+                 "sharpness/hessian_max_eig", "sharpness/hessian_trace",
+                 "sharpness/hessian_max_eig_projected", "sharpness/hessian_trace_projected",
+                 "perf/examples_per_sec", "perf/step_time")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,13 @@ def test_run_leaves_summary_events_config_and_checkpoint(finished_run):
   for tag in REQUIRED_TAGS:
     assert tag in scalars, f"missing tag {tag}"
     assert all(np.isfinite(v) for _, v in scalars[tag]), tag
+  other = read_tags(os.path.join(workdir, "tensorboard"))
+  assert "sparsity/per_layer" in other["histograms"]
+  assert any(t.startswith("sparsity/per_layer") for t in other["tensors"])  # the text table
+  assert scalars["sparsity/projected_weights"][-1][1] == pytest.approx(0.95, abs=1e-4)
+  assert max(v for _, v in scalars["sharpness/hessian_trace"]) > 0
+  changes = [v for _, v in scalars["admm/mask_change"]]
+  assert all(0 <= v <= 1 for v in changes) and max(changes) > 0
   lam = dict(scalars["admm/lambda"])
   assert lam[max(lam)] > lam[min(lam)] >= 0  # cosine penalty grows
   run = trainer.setup(exp)

@@ -23,6 +23,19 @@ def replace(exp: Experiment, section: str, **fields) -> Experiment:
   return dataclasses.replace(exp, **{section: dataclasses.replace(getattr(exp, section), **fields)})
 
 
+def read_tags(logdir: str) -> dict[str, set[str]]:
+  """Tags of every kind (scalars, histograms, tensors (text), ...) under `logdir`."""
+  from tensorboard.backend.event_processing import event_accumulator
+  out: dict[str, set[str]] = {}
+  for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    for kind, tags in acc.Tags().items():
+      if isinstance(tags, list):
+        out.setdefault(kind, set()).update(tags)
+  return out
+
+
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """All scalar series of the TensorBoard event files under `logdir`."""
   from tensorboard.backend.event_processing import event_accumulator
