@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from safe_dist import data as data_lib
+from safe_dist import distributed
 from safe_dist import monitoring
 from safe_dist import optim
 from safe_dist import sharding
@@ -272,6 +273,17 @@ class _Progress:
     return f"step {step}/{self.total} ({rate:.1f} steps/s, ETA {eta / 60:.1f} min) {shown}"
 
 
+# With several processes a signal may reach them at different steps: they agree every this
+# many steps (one tiny all-gather) so that all stop at the same step boundary.
+STOP_CHECK_EVERY_STEPS = 10
+
+
+def _should_stop(stop_requested: Callable[[], bool], step: int) -> bool:
+  if jax.process_count() == 1:
+    return stop_requested()
+  return step % STOP_CHECK_EVERY_STEPS == 0 and distributed.any_process(stop_requested())
+
+
 def _log_evaluation(run: Run, state: TrainState, writer: MetricWriter, step: int) -> None:
   """Validation accuracy of x and of Proj(x), and the sparsity of the method's iterate."""
   sp = run.exp.sparsifier
@@ -387,7 +399,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
       _log_sharpness(run, state, writer, step, held_out)
     if plan.fires(step, plan.checkpoint_every_steps):
       checkpointer.save(step, state, train_iter)
-    if stop_requested() and step < plan.total_steps:
+    if _should_stop(stop_requested, step) and step < plan.total_steps:
       interrupted = True
       break
   flush_metrics(keep_last=False)
