@@ -1,0 +1,185 @@
+"""prune_mask against a float64 numpy reference: exact counts, tie order, sharded, HLO."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from safe_dist.sparsity.projection import prune_mask
+
+SPARSITIES = (0.0, 0.03, 0.5, 0.999)
+
+
+def _ref_global(arrays, k):
+  """Keep-masks dropping the k smallest; ties: the higher position is dropped first."""
+  flat = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+  order = np.lexsort((np.arange(flat.size), -flat))  # score desc, position asc
+  keep = np.zeros(flat.size, bool)
+  keep[order[:flat.size - k]] = True
+  out, start = [], 0
+  for a in arrays:
+    out.append(keep[start:start + a.size].reshape(a.shape))
+    start += a.size
+  return out
+
+
+def _ref_nm(a, n, m):
+  moved = np.moveaxis(np.asarray(a, np.float64), -2, -1)
+  g = moved.reshape(-1, m)
+  keep = np.zeros(g.shape, bool)
+  for r in range(g.shape[0]):
+    order = np.lexsort((np.arange(m), -g[r]))
+    keep[r, order[:n]] = True
+  return np.moveaxis(keep.reshape(moved.shape), -1, -2)
+
+
+def _tied(rng, shape):
+  """Scores from a few integer values with many zeros: lots of ties."""
+  return np.where(rng.random(shape) < 0.3, 0.0, rng.integers(0, 4, shape)).astype(np.float32)
+
+
+def _check(got, want):
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def _k(s, n):
+  return int(np.floor(s * n))
+
+
+def _k_traced(s, n):
+  return int(np.floor(np.float32(s) * np.float32(n)))
+
+
+SHAPES = [(13, 7), (5,), (3, 4, 6), (1,)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_global_and_layerwise_unsharded(seed):
+  rng = np.random.default_rng(seed)
+  arrays = [_tied(rng, s) for s in SHAPES]
+  arrays[0][0, :3] = rng.random(3)  # a few distinct values too
+  n = sum(a.size for a in arrays)
+  for s in SPARSITIES:
+    _check(prune_mask(arrays, s), _ref_global(arrays, _k(s, n)))
+    got = prune_mask(arrays, s, scope="layerwise")
+    for g, a in zip(got, arrays):
+      _check([g], _ref_global([a], _k(s, a.size)))
+
+
+def test_traced_sparsity_and_per_leaf_sequence():
+  rng = np.random.default_rng(2)
+  arrays = [_tied(rng, s) for s in SHAPES]
+  n = sum(a.size for a in arrays)
+  fn = jax.jit(lambda a, s: prune_mask(a, s))
+  for s in SPARSITIES:
+    _check(fn(arrays, jnp.float32(s)), _ref_global(arrays, _k_traced(s, n)))
+  per_leaf = [0.5, 0.0, 0.9, 0.0]
+  got = prune_mask(arrays, per_leaf, scope="layerwise")
+  for g, a, s in zip(got, arrays, per_leaf):
+    _check([g], _ref_global([a], _k(s, a.size)))
+  got = jax.jit(lambda a, s: prune_mask(a, [s, 0.0, s, 0.25], scope="layerwise"))(
+      arrays, jnp.float32(0.5))
+  for g, a, s in zip(got, arrays, [0.5, 0.0, 0.5, 0.25]):
+    _check([g], _ref_global([a], _k_traced(s, a.size)))
+
+
+def test_nm():
+  rng = np.random.default_rng(3)
+  arrays = [_tied(rng, (8, 3)), _tied(rng, (2, 2, 12, 5))]
+  got = prune_mask(arrays, 0.0, scope="nm", n_m=(2, 4))
+  _check(got, [_ref_nm(a, 2, 4) for a in arrays])
+  with pytest.raises(ValueError):
+    prune_mask([np.ones((6, 3), np.float32)], 0.0, scope="nm", n_m=(2, 4))
+
+
+def test_passthrough_and_nonfinite():
+  rng = np.random.default_rng(4)
+  a, b = _tied(rng, (6, 5)), _tied(rng, (7,))
+  tree = {"a": a, "n": None, "m": optax.MaskedNode(), "b": b}
+  got = prune_mask(tree, 0.5)
+  assert got["n"] is None and isinstance(got["m"], optax.MaskedNode)
+  _check([got["a"], got["b"]], _ref_global([a, b], _k(0.5, a.size + b.size)))
+  for bad in (np.nan, np.inf):
+    c = a.copy()
+    c[1, 1] = bad
+    with pytest.raises(ValueError):
+      prune_mask([c, b], 0.5)
+  # inside jit: not checked; +inf ranks above every finite score, so it is kept
+  c = a.copy()
+  c[0, 0] = np.inf
+  assert bool(jax.jit(lambda x: prune_mask(x, 0.9))(c)[0, 0])
+
+
+def _mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def _sharded_case(seed):
+  mesh = _mesh((4, 2), ("a", "b"))
+  shapes_specs = [((16, 6), P("a", "b")), ((6, 12), P("b", "a")), ((7,), P()),
+                  ((4, 12, 3), P(None, "a")), ((10, 3), P("b")), ((24,), P(("a", "b")))]
+  rng = np.random.default_rng(seed)
+  arrays = [_tied(rng, s) for s, _ in shapes_specs]
+  shardings = [NamedSharding(mesh, sp) for _, sp in shapes_specs]
+  xs = [jax.device_put(a, s) for a, s in zip(arrays, shardings)]
+  return arrays, xs, shardings
+
+
+def test_sharded_4x2_mesh():
+  arrays, xs, shardings = _sharded_case(5)
+  n = sum(a.size for a in arrays)
+  glob = jax.jit(lambda x, s: prune_mask(x, s, shardings=shardings))
+  lw = jax.jit(lambda x, s: prune_mask(x, s, scope="layerwise", shardings=shardings))
+  for s in SPARSITIES:
+    _check(prune_mask(xs, s), _ref_global(arrays, _k(s, n)))  # eager: shardings read off xs
+    got = glob(xs, jnp.float32(s))
+    _check(got, _ref_global(arrays, _k_traced(s, n)))
+    assert got[0].sharding.spec == shardings[0].spec
+    for g, a in zip(lw(xs, jnp.float32(s)), arrays):
+      _check([g], _ref_global([a], _k_traced(s, a.size)))
+  # without shardings inside jit: plain jnp, partitioned by GSPMD
+  _check(jax.jit(lambda x: prune_mask(x, 0.5))(xs), _ref_global(arrays, _k(0.5, n)))
+  got = prune_mask([xs[0], xs[3]], 0.0, scope="nm", n_m=(2, 4))
+  _check(got, [_ref_nm(arrays[0], 2, 4), _ref_nm(arrays[3], 2, 4)])
+
+
+def test_sharded_8_mesh_large():
+  mesh = _mesh((8,), ("d",))
+  rng = np.random.default_rng(6)
+  arrays = [_tied(rng, (64, 40)), rng.random((8, 8, 3)).astype(np.float32), _tied(rng, (9,))]
+  specs = [P("d"), P(None, "d"), P()]
+  shardings = [NamedSharding(mesh, sp) for sp in specs]
+  xs = [jax.device_put(a, s) for a, s in zip(arrays, shardings)]
+  n = sum(a.size for a in arrays)
+  fn = jax.jit(lambda x, s: prune_mask(x, s, shardings=shardings))
+  for s in SPARSITIES + (0.9,):
+    _check(fn(xs, jnp.float32(s)), _ref_global(arrays, _k_traced(s, n)))
+
+
+def _collectives(hlo):
+  """(op, number of elements of its result) for every collective in an HLO text."""
+  out = []
+  for line in hlo.splitlines():
+    m = re.search(r"= \(?([a-z0-9]+)\[([0-9,]*)\][^ ]* (all-gather|all-to-all|all-reduce|"
+                  r"collective-permute|reduce-scatter)\(", line)
+    if m:
+      dims = [int(d) for d in m.group(2).split(",") if d]
+      out.append((m.group(3), int(np.prod(dims)) if dims else 1))
+  return out
+
+
+def test_hlo_no_gather_of_weights():
+  arrays, xs, shardings = _sharded_case(7)
+  hlo = jax.jit(lambda x, s: prune_mask(x, s, shardings=shardings)).lower(
+      xs, jnp.float32(0.5)).compile().as_text()
+  ops = _collectives(hlo)
+  assert ops and all(op == "all-reduce" and size <= 64 for op, size in ops), ops
+  # GSPMD fallback (no shardings given): only tiny partial-sum gathers, nothing of leaf size
+  hlo = jax.jit(lambda x: prune_mask(x, 0.5)).lower(xs).compile().as_text()
+  ops = _collectives(hlo)
+  assert all(op != "all-to-all" and size <= 16 for op, size in ops), ops
