@@ -93,6 +93,30 @@ def test_checkpoint_holds_state_iterator_and_config(tmp_path):
   assert checkpointer.restore_config(1) is None  # saved without one, as older checkpoints
   state = checkpointer.restore(1, _abstract())  # and still restores
   assert int(state["step"]) == 1
+  # The trainer's record of the experiment is what goes in.
+  record = trainer.experiment_record(debug_experiment())
+  assert checkpointer.save(4, _state(4), iterator, config=record)
+  checkpointer.wait()
+  assert checkpointer.restore_config(4) == record
+  checkpointer.close()
+
+
+def test_async_save_is_a_snapshot_despite_donating_steps(tmp_path):
+  """save() returns after the device-to-host copy: the next train step may donate the state."""
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  state = {f"a{i}": jax.device_put(jnp.arange(2**20, dtype=jnp.float32) + i, spec)
+           for i in range(4)}
+  expected = jax.device_get(state)
+  step = jax.jit(lambda s: jax.tree.map(lambda x: x * 2 + 1, s), donate_argnums=0,
+                 out_shardings=spec)
+  checkpointer = Checkpointer(str(tmp_path / "ck"))
+  checkpointer.save(1, state, _iterator())
+  for _ in range(3):
+    state = step(state)
+  checkpointer.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), state)
+  _tree_equal(checkpointer.restore(1, abstract), expected)
   checkpointer.close()
 
 
@@ -102,6 +126,7 @@ def _truncate_data_files(step_dir: str) -> None:
       fh.truncate(os.path.getsize(f) // 2)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "delete_manifest", "delete_data_item"])
 def test_corrupt_latest_is_skipped_kept_and_rewritable(tmp_path, damage, caplog):
   directory = str(tmp_path / "ck")
@@ -180,8 +205,9 @@ def _final_state(exp, workdir, step):
 
 
 @pytest.fixture(scope="module")
-def eight_device_runs(tmp_path_factory):
+def eight_device_runs(tmp_path_factory, cli_background):
   """An uninterrupted 8-device run and one stopped after 10 of its 24 steps."""
+  del cli_background  # started first, to run alongside
   exp = debug_experiment(**_quiet_overrides())
   full = str(tmp_path_factory.mktemp("full"))
   trainer.train_and_evaluate(exp, full)
@@ -193,7 +219,9 @@ def eight_device_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, num_devices=4),
-                                  dict(data=1, num_devices=1)], ids=["4dev_fsdp", "1dev"])
+                                  pytest.param(dict(data=1, num_devices=1),
+                                               marks=pytest.mark.slow)],
+                         ids=["4dev_fsdp", "1dev"])
 def test_resume_on_another_mesh(eight_device_runs, tmp_path, mesh):
   exp, full, stopped = eight_device_runs
   workdir = str(tmp_path / "resumed")
@@ -285,12 +313,27 @@ def _cli_exp():
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
-  """The compilation cache shared by the subprocesses, and an uninterrupted run's state."""
+def cli_background(tmp_path_factory):
+  """Starts the uninterrupted command-line run in the background (the other core compiles
+  while the in-process runs of this module go on); `cli_runs` waits for it."""
   root = tmp_path_factory.mktemp("cli")
   cache_dir = str(root / "jax_cache")
   workdir = str(root / "uninterrupted")
-  _run_to_end(workdir, cache_dir)
+  proc = subprocess.Popen(_command(workdir), env=_env(cache_dir), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  yield root, cache_dir, workdir, proc
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cli_runs(cli_background):
+  """The compilation cache shared by the subprocesses, and an uninterrupted run's state."""
+  root, cache_dir, workdir, proc = cli_background
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, output[-3000:]
+  assert _committed_steps(os.path.join(workdir, "checkpoints"))[-1] == _MAX_STEPS
   return root, cache_dir, _final_state(_cli_exp(), workdir, _MAX_STEPS)
 
 

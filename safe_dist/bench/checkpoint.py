@@ -18,7 +18,7 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
+from absl import logging
 
 from safe_dist import optim
 from safe_dist.checkpointing import Checkpointer
@@ -101,6 +101,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--sizes", default=",".join(STATES))
   args = parser.parse_args()
+  logging.set_verbosity(logging.ERROR)  # orbax's per-save INFO and "waited for the previous"
   rows = []
   for name in args.sizes.split(","):
     state = STATES[name]()
@@ -122,5 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=3)
   main()
