@@ -1,0 +1,190 @@
+"""`python -m safe_dist.eval`: clean, corrupt and adversarial modes, their JSON, bad flags."""
+
+import json
+import os
+import pickle
+import types
+
+import numpy as np
+import pytest
+
+import trainer_helpers
+from test_cli import _run
+
+pytest.importorskip("imagecorruptions")
+
+DEBUG = ["--config", "config:debug"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """One finished debug run (LeNet on synthetic 28x28x1 data)."""
+  from safe_dist import trainer
+  directory = str(tmp_path_factory.mktemp("eval_run") / "run")
+  trainer.train_and_evaluate(trainer_helpers.debug_experiment(), directory)
+  return directory
+
+
+def _eval(workdir, tmp_path, *args):
+  return _run("safe_dist.eval", [*DEBUG, "--workdir", workdir, *args], tmp_path)
+
+
+def _report(workdir, mode):
+  with open(os.path.join(workdir, f"eval_{mode}.json")) as f:
+    return json.load(f)
+
+
+def test_corrupt_mode_generated(workdir, tmp_path):
+  result = _eval(workdir, tmp_path, "--mode", "corrupt", "--corrupt_max_examples", "32",
+                 "--corruptions", "gaussian_noise,fog", "--corrupt_intensity", "3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = _report(workdir, "corrupt")
+  assert report["mode"] == "corrupt" and report["intensity"] == 3
+  assert "ImageNet-C style" in report["source"] and "CIFAR-10-C" not in report["source"]
+  assert "ImageNet-C style" in result.stdout and "CIFAR-10-C" not in result.stdout
+  assert set(report["corruptions"]) == {"gaussian_noise", "fog"}
+  assert report["network"].startswith("hard-projected")
+  assert report["weight_sparsity"] == pytest.approx(0.95, abs=1e-4)
+  for row in [*report["corruptions"].values(), report["clean"]]:
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["num_examples"] == 32
+  assert report["mean_accuracy"] == pytest.approx(
+      np.mean([r["accuracy"] for r in report["corruptions"].values()]))
+  assert "mean" in result.stdout and "fog" in result.stdout
+
+
+def test_adversarial_mode(workdir, tmp_path):
+  result = _eval(workdir, tmp_path, "--mode", "adversarial", "--attack_max_examples", "64",
+                 "--attack_steps", "3", "--attack_bound", "0.1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = _report(workdir, "adversarial")
+  assert report["attack"] == {"method": "PGD", "norm": "linf", "steps": 3, "bound": 0.1,
+                              "lr": pytest.approx(0.025), "seed": 1}
+  assert report["num_examples"] == 64
+  assert 0.0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1.0
+  # eps = 0.1 in linf is a strong attack on an MLP trained for 24 steps.
+  assert report["robust_accuracy"] < report["clean_accuracy"]
+  assert "robust" in result.stdout
+
+
+def test_clean_mode_still_works(workdir, tmp_path):
+  result = _eval(workdir, tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = _report(workdir, "clean")
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert report["projected"]["0.95"]["accuracy"] == pytest.approx(summary["val_accuracy"])
+  # Each mode writes its own file only.
+  for mode in ("clean", "corrupt", "adversarial"):
+    path = os.path.join(workdir, f"eval_{mode}.json")
+    assert not os.path.exists(path) or _report(workdir, mode)["mode"] == mode
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "robust"], "--mode must be one of clean, corrupt, adversarial"),
+    (["--mode", "corrupt", "--corrupt_intensity", "6"],
+     "--corrupt_intensity must be an integer in 1..5"),
+    (["--mode", "adversarial", "--attack_norm", "l1"], "--attack_norm must be one of linf, l2"),
+])
+def test_invalid_flags_stop_before_any_work(workdir, tmp_path, args, message):
+  before = sorted(os.listdir(workdir))
+  result = _eval(workdir, tmp_path, *args)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert sorted(os.listdir(workdir)) == before
+
+
+def _flags(**overrides):
+  values = dict(mode="clean", corruptions=["fog"], corrupt_intensity=3, corrupt_max_examples=0,
+                attack_max_examples=0, attack_norm="linf", attack_steps=10, attack_bound=None,
+                attack_lr=None)
+  values.update(overrides)
+  return types.SimpleNamespace(**values)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"mode": "robust"}, "--mode must be one of clean, corrupt, adversarial"),
+    ({"corruptions": ["fog", "rain"]}, "--corruptions: unknown 'rain'; allowed: gaussian_noise"),
+    ({"corruptions": []}, "--corruptions must name at least one of gaussian_noise"),
+    ({"corrupt_intensity": 0}, "--corrupt_intensity must be an integer in 1..5"),
+    ({"corrupt_max_examples": -1}, "--corrupt_max_examples must be >= 0"),
+    ({"attack_max_examples": -5}, "--attack_max_examples must be >= 0"),
+    ({"attack_norm": "l3"}, "--attack_norm must be one of linf, l2"),
+    ({"attack_steps": 0}, "--attack_steps must be an integer >= 1"),
+    ({"attack_bound": -1.0}, "--attack_bound must be a number > 0"),
+    ({"attack_bound": float("nan")}, "--attack_bound must be a number > 0"),
+    ({"attack_lr": 0.0}, "--attack_lr must be a number > 0"),
+])
+def test_check_flags_names_flag_and_allowed_values(overrides, message):
+  from safe_dist import eval as eval_lib
+  with pytest.raises(ValueError) as info:
+    eval_lib.check_flags(_flags(**overrides))
+  assert message in str(info.value)
+
+
+def test_attack_defaults():
+  from safe_dist import eval as eval_lib
+  eval_lib.check_flags(_flags())
+  assert eval_lib.attack_bound_and_lr(_flags()) == pytest.approx((1 / 255, 1 / 1020))
+  assert eval_lib.attack_bound_and_lr(_flags(attack_norm="l2")) == pytest.approx(
+      (3 / 255, 3 / 1020))
+  assert eval_lib.attack_bound_and_lr(_flags(attack_bound=0.5, attack_lr=0.2)) == (0.5, 0.2)
+
+
+def _write_cifar10(directory, num_train, num_test):
+  """CIFAR-10 python pickles in the real format; returns the HWC test images and labels."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for name, n in [*((f"data_batch_{i}", num_train) for i in range(1, 6)),
+                  ("test_batch", num_test)]:
+    chw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, n)
+    with open(os.path.join(directory, name), "wb") as f:
+      pickle.dump({b"data": chw.reshape(n, 3072), b"labels": list(labels),
+                   b"batch_label": b"x"}, f)
+  return chw.transpose(0, 2, 3, 1), labels
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_corrupt_eval_reads_real_cifar10c(tmp_path):
+  """A cifar10 run uses CIFAR-10-C files where they exist (the given intensity's rows) and
+  generates the rest, labelled as such."""
+  from safe_dist import eval as eval_lib
+  from safe_dist import trainer
+  root = str(tmp_path / "data")
+  test_images, test_labels = _write_cifar10(os.path.join(root, "cifar-10-batches-py"), 40, 30)
+  # fog.npy: intensity 2 holds the clean test images; the other intensities are noise.
+  rng = np.random.default_rng(0)
+  rows = [rng.integers(0, 256, test_images.shape, dtype=np.uint8) for _ in range(5)]
+  rows[1] = test_images
+  os.makedirs(os.path.join(root, "CIFAR-10-C"))
+  np.save(os.path.join(root, "CIFAR-10-C", "fog.npy"), np.concatenate(rows))
+  np.save(os.path.join(root, "CIFAR-10-C", "labels.npy"), np.tile(test_labels, 5))
+
+  exp = trainer_helpers.debug_experiment(**{
+      "data.name": "cifar10", "data.data_dir": root, "data.max_eval_examples": None,
+      "train.eval_batch_size": 16})
+  run = trainer.setup(exp)
+  state = run.init(0)
+  params, stats, network = eval_lib.final_network(run, state)
+  assert network["bn_recalibrated"] is False  # LeNet has no BatchNorm
+
+  results = eval_lib.corrupt_eval(run, params, stats, ["fog", "gaussian_noise"], 2,
+                                  max_examples=20)
+  fog, noise = results["corruptions"]["fog"], results["corruptions"]["gaussian_noise"]
+  assert fog["source"] == "CIFAR-10-C" and "ImageNet-C style" in noise["source"]
+  assert results["source"].startswith("mixed")
+  assert fog["num_examples"] == noise["num_examples"] == results["clean"]["num_examples"] == 20
+  assert fog["accuracy"] == pytest.approx(results["clean"]["accuracy"])
+  assert fog["loss"] == pytest.approx(results["clean"]["loss"], rel=1e-5)
+
+  # The padded in-memory evaluation agrees with the trainer's over the whole test split.
+  full = eval_lib.evaluate_arrays(run, params, stats, test_images, test_labels)
+  reference = trainer.evaluate(run, params, stats)
+  assert full["num_examples"] == 30
+  assert full["accuracy"] == pytest.approx(reference["accuracy"])
+  assert full["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+  # The same dataset at intensity 3 reads other rows (noise), not the clean images.
+  other = eval_lib.corrupt_eval(run, params, stats, ["fog"], 3, max_examples=20)
+  assert other["source"] == "CIFAR-10-C"
+  assert other["corruptions"]["fog"]["loss"] != pytest.approx(results["clean"]["loss"])
