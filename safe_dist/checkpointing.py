@@ -10,6 +10,7 @@ or truncated) is skipped with a warning and, once an older one restored, moved a
 `<s>.unreadable` (kept, not deleted) so that training can write step s again.
 """
 
+import os
 from typing import Any, Optional
 
 import grain
@@ -38,6 +39,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
+    directory = os.path.abspath(directory)  # orbax's OCDBT layer needs an absolute path
     self._directory = epath.Path(directory)
     self._manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 

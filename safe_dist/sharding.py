@@ -107,7 +107,7 @@ def shardings_for(abstract_boxed_tree: Any, mesh: Mesh) -> Any:
 def log_sharding_summary(abstract_tree: Any, shardings: Any) -> float:
   """Logs and returns the fraction of parameters (by count) that are split over devices."""
   sizes = [np.prod(x.shape) for x in jax.tree.leaves(abstract_tree)]
-  split = [any(a is not None for a in s.spec) for s in jax.tree.leaves(shardings)]
+  split = [not s.is_fully_replicated for s in jax.tree.leaves(shardings)]
   total = float(sum(sizes)) or 1.0
   frac = sum(n for n, f in zip(sizes, split) if f) / total
   logging.info("sharding: %.1f%% of %d state values are split across devices", 100 * frac, total)

@@ -28,7 +28,8 @@ from safe_dist import steps as steps_lib
 from safe_dist.checkpointing import Checkpointer, abstract_like
 from safe_dist.experiment import Experiment
 from safe_dist.metric_writer import MetricWriter
-from safe_dist.sparsity import make_optimizer, penalty_schedule, weight_sparsity
+from safe_dist.sparsity import (make_optimizer, penalty_schedule, prunable_shardings,
+                                weight_sparsity)
 from safe_dist.train_state import TrainState
 
 EXPERIMENT_FILE = "experiment.json"
@@ -142,6 +143,7 @@ class Run:
   eval_step: Callable
   project: Callable
   sharpness: Callable  # (params, batch_stats, batch, key) -> Hessian max eigenvalue and trace
+  projection: Any  # the sparsifier's Projection, carrying the shardings of the kernels
 
 
 def validate(exp: Experiment, mesh) -> None:
@@ -163,9 +165,14 @@ def setup(exp: Experiment, devices=None) -> Run:
   plan = make_plan(exp, num_train)
   model = exp.model.build(info.num_classes, info.mean, info.std, exp.train.half_precision)
   lr_fn = optim.learning_rate_schedule(exp.optimizer, plan.steps_per_epoch, plan.total_steps)
-  tx = make_optimizer(exp.sparsifier, optim.make_base_optimizer(exp.optimizer, lr_fn),
-                      plan.total_steps)
   dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
+  param_shardings = sharding.shardings_for(boxed["params"], mesh)
+  # The projection runs per shard of the prunable kernels (no gather of the weights).
+  score_shardings = prunable_shardings(nn.unbox(boxed["params"]), param_shardings)
+  projection = dataclasses.replace(exp.sparsifier.projection, shardings=score_shardings)
+  tx = make_optimizer(exp.sparsifier, optim.make_base_optimizer(exp.optimizer, lr_fn),
+                      plan.total_steps, shardings=score_shardings)
 
   def init(seed: int) -> TrainState:
     key = jax.random.PRNGKey(seed)
@@ -176,8 +183,6 @@ def setup(exp: Experiment, devices=None) -> Run:
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=state_key)
 
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
-  param_shardings = sharding.shardings_for(boxed["params"], mesh)
   abstract = jax.eval_shape(init, 0)
   state_shardings = sharding.shardings_like_params(abstract, abstract.params, param_shardings,
                                                    mesh)
@@ -197,7 +202,7 @@ def setup(exp: Experiment, devices=None) -> Run:
 
   @functools.lru_cache(maxsize=None)
   def projector(sparsity: Optional[float]):
-    return jax.jit(lambda p: sp.projection.project_params(p, sparsity),
+    return jax.jit(lambda p: projection.project_params(p, sparsity),
                    in_shardings=(param_shardings,), out_shardings=param_shardings)
 
   def project(params, sparsity: Optional[float] = None):
@@ -208,7 +213,7 @@ def setup(exp: Experiment, devices=None) -> Run:
   return Run(exp, mesh, info, plan, model, lr_fn, state_shardings, param_shardings,
              abstract_like(abstract, state_shardings),
              jax.jit(init, static_argnums=(0,), out_shardings=state_shardings),
-             train_step, eval_step, project, sharpness)
+             train_step, eval_step, project, sharpness, projection)
 
 
 def evaluate(run: Run, params, batch_stats, split="test") -> dict:
@@ -332,7 +337,9 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
   """Trains `exp` in `workdir` (resuming its latest checkpoint) and returns the summary."""
   if exp.train.check_nans:
     jax.config.update("jax_debug_nans", True)
+  workdir = os.path.abspath(workdir)  # orbax wants absolute paths
   holds_run = check_workdir(exp, workdir)
+  record = experiment_record(exp)
   run = setup(exp)
   plan, sp = run.plan, exp.sparsifier
   os.makedirs(workdir, exist_ok=True)
@@ -398,13 +405,13 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
       flush_metrics(keep_last=False)
       _log_sharpness(run, state, writer, step, held_out)
     if plan.fires(step, plan.checkpoint_every_steps):
-      checkpointer.save(step, state, train_iter)
+      checkpointer.save(step, state, train_iter, config=record)
     if _should_stop(stop_requested, step) and step < plan.total_steps:
       interrupted = True
       break
   flush_metrics(keep_last=False)
   if checkpointer.latest_step() != step:
-    checkpointer.save(step, state, train_iter, force=True)
+    checkpointer.save(step, state, train_iter, force=True, config=record)
   checkpointer.wait()
   if interrupted:
     checkpointer.close()

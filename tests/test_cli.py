@@ -91,3 +91,23 @@ def test_config_names_match_the_configs_module():
   public = {n for n, f in vars(configs).items() if inspect.isfunction(f) and not n.startswith("_")
             and f.__module__ == configs.__name__}
   assert public == set(cli.CONFIG_NAMES) | set(cli.FIDDLER_NAMES)
+
+
+@pytest.mark.slow
+def test_reference_command_runs_as_written_on_cifar10(tmp_path):
+  """The seed README's command (python -m safe_dist.train for python train.py), on a tiny
+  CIFAR-10 in the real pickle format, cut to two steps so that VGG19-bn fits a CPU test."""
+  from fake_datasets import write_cifar
+  data_dir = tmp_path / "cifar"
+  write_cifar(str(data_dir / "cifar-10-batches-py"), "cifar10", {"train": 52, "test": 40})
+  result = _run("safe_dist.train",
+                ["--workdir=./logdir", *REFERENCE_COMMAND, "--data_dir", str(data_dir),
+                 "--config", "set:train.max_steps=2", "--bnt_sample_size", "128"],
+                tmp_path, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "logdir" / "summary.json") as f:
+    summary = json.load(f)
+  assert (summary["model"], summary["dataset"], summary["sparsifier"]) == (
+      "VGG19-bn", "cifar10", "safe")
+  assert summary["steps"] == 2 and summary["weight_sparsity"] == pytest.approx(0.95, abs=1e-6)
+  assert summary["bn_recalibrated"]

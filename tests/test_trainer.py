@@ -92,3 +92,16 @@ def test_batch_size_not_divisible_by_data_parallel_size():
   exp = debug_experiment(**{"train.batch_size": 30})
   with pytest.raises(ValueError, match="--batch_size 30 must be divisible"):
     trainer.setup(exp)
+
+
+def test_projection_in_the_trainer_gathers_no_weights():
+  """With kernels split over fsdp, Proj_d compiles to small all-reduces only."""
+  exp = replace(debug_experiment(), "mesh", data=2, fsdp=4)
+  run = trainer.setup(exp)
+  split = [not s.is_fully_replicated for s in jax.tree.leaves(run.param_shardings)]
+  assert sum(split) >= 3  # the LeNet kernels (and some biases) are sharded
+  hlo = jax.jit(lambda p: run.projection.project_params(p),
+                in_shardings=(run.param_shardings,), out_shardings=run.param_shardings).lower(
+                    run.abstract_state.params).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  assert "all-reduce" in hlo

@@ -3,8 +3,8 @@
 from safe_dist.sparsity.admm import ADMMState, admm, auxiliary_and_dual, find_admm_state
 from safe_dist.sparsity.importance import IMPORTANCE_SOURCES
 from safe_dist.sparsity.factory import SPARSIFIERS, SparsifierConfig, make_optimizer
-from safe_dist.sparsity.masking import (SCOPES, Projection, prunable_leaves, prunable_tree,
-                                        weight_sparsity)
+from safe_dist.sparsity.masking import (SCOPES, Projection, prunable_leaves, prunable_shardings,
+                                        prunable_tree, weight_sparsity)
 from safe_dist.sparsity.projection import prune_mask
 from safe_dist.sparsity.pruning import MaskState, gmp, iht, one_shot_magnitude
 from safe_dist.sparsity.sam import SAMState, sam_gradient

@@ -1,7 +1,7 @@
 """Builds the full optimizer of a sparsifier: base optimizer plus SAFE/ADMM/GMP/IHT/magnitude."""
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import optax
 
@@ -85,9 +85,13 @@ class SparsifierConfig:
 
 
 def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
-                   total_steps: int) -> optax.GradientTransformationExtraArgs:
-  """base optimizer wrapped by the sparsifier; update(..., value_and_grad_fn=f) for SAFE."""
-  projection = cfg.projection
+                   total_steps: int, shardings: Any = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """base optimizer wrapped by the sparsifier; update(..., value_and_grad_fn=f) for SAFE.
+
+  shardings: optional `prunable_shardings` tree; the projection then runs per shard.
+  """
+  projection = dataclasses.replace(cfg.projection, shardings=shardings)
   if cfg.name == "none":
     return optax.with_extra_args_support(base)
   if cfg.uses_admm:

@@ -47,6 +47,9 @@ class Projection:
   sparsity: float
   scope: str = "global"
   n_m: Optional[tuple[int, int]] = None
+  # NamedShardings of the prunable leaves (MaskedNode elsewhere): with them the projection
+  # runs per shard inside jit (see `prune_mask`); `prunable_shardings` builds the tree.
+  shardings: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
     if self.scope not in SCOPES:
@@ -69,7 +72,8 @@ class Projection:
   def masks(self, scores, sparsity=None):
     """Boolean keep-masks of a tree of non-negative scores (MaskedNode leaves pass through)."""
     sparsity = self.sparsity if sparsity is None else sparsity
-    return prune_mask(scores, sparsity, scope=self.scope, n_m=self.n_m)
+    return prune_mask(scores, sparsity, scope=self.scope, n_m=self.n_m,
+                      shardings=self.shardings)
 
   def masks_of_weights(self, weights, sparsity=None):
     return self.masks(jax.tree.map(jnp.abs, weights), sparsity)
@@ -82,6 +86,12 @@ class Projection:
     return jax.tree.map(
         lambda p, f, m: p * m.astype(p.dtype) if f else p, params, flags, masks,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def prunable_shardings(params, shardings) -> Any:
+  """`shardings` (a tree like `params`) kept at the prunable leaves, MaskedNode elsewhere."""
+  return jax.tree.map(lambda s, f: s if f else optax.MaskedNode(), shardings,
+                      prunable_tree(params))
 
 
 def weight_sparsity(params) -> jax.Array:
