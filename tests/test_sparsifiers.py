@@ -297,3 +297,35 @@ def test_input_norms_are_recorded_per_input_feature():
   np.testing.assert_allclose(np.asarray(norms["Conv_0"]["kernel"]).ravel(), want_conv, rtol=1e-5)
   assert norms["Dense_0"]["kernel"].shape == (48, 1)
   assert norms["Conv_0"]["bias"].shape == ()
+
+
+def _nonzeros_per_group(kernel, m):
+  """Nonzeros in every group of m consecutive entries along the input axis (-2)."""
+  moved = np.moveaxis(np.asarray(kernel), -2, -1)
+  return np.count_nonzero(moved.reshape(*moved.shape[:-1], -1, m), axis=-1)
+
+
+@pytest.mark.parametrize("name", ["safe", "safe_plus", "admm", "iht", "magnitude"])
+def test_nm_sparsity_for_every_sparsifier(name):
+  rng = np.random.default_rng(5)
+  shapes = {"conv": (3, 3, 8, 5), "dense": (12, 5)}
+  params = {k: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for k, s in shapes.items()}
+  cfg = SparsifierConfig(name=name, scope="nm", n_m=(2, 4), importance="grad_sq",
+                         dual_update_interval=2, prune_fraction=0.5, lam=0.1)
+  assert cfg.target_sparsity == 0.5
+  tx = make_optimizer(cfg, optax.sgd(0.01), 8)
+  state = tx.init(params)
+  loss = lambda p: sum(jnp.sum(jnp.sin(x["kernel"])) for x in p.values())
+  value_and_grad = jax.value_and_grad(loss)
+  for _ in range(8):
+    _, grads = value_and_grad(params)
+    updates, state = tx.update(grads, state, params, value_and_grad_fn=value_and_grad)
+    params = optax.apply_updates(params, updates)
+  if cfg.uses_admm:
+    sparse, _ = auxiliary_and_dual(find_admm_state(state))
+  else:
+    sparse = params
+  projected = cfg.projection.project_params(params)
+  for k in shapes:
+    assert (_nonzeros_per_group(sparse[k]["kernel"], 4) == 2).all(), k
+    assert (_nonzeros_per_group(projected[k]["kernel"], 4) == 2).all(), k

@@ -105,3 +105,10 @@ def test_projection_in_the_trainer_gathers_no_weights():
                     run.abstract_state.params).compile().as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo
   assert "all-reduce" in hlo
+
+
+def test_nm_run_ends_two_of_four(tmp_path):
+  exp = replace(debug_experiment(**{"train.max_steps": 8, "train.sharpness_every_epochs": 0}),
+                "sparsifier", name="safe_plus", scope="nm", n_m=(2, 4))
+  summary = trainer.train_and_evaluate(exp, str(tmp_path))
+  assert summary["target_sparsity"] == summary["weight_sparsity"] == 0.5
