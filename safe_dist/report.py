@@ -28,6 +28,7 @@ CURVE_TAGS = (
     ("admm/lambda", "penalty lambda"),
     ("sharpness/sam", "f(w + e) - f(w)"),
     ("sharpness/hessian_max_eig", "top Hessian eigenvalue"),
+    ("sharpness/hessian_trace", "Hessian trace"),
 )
 
 

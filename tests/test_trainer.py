@@ -112,3 +112,16 @@ def test_nm_run_ends_two_of_four(tmp_path):
                 "sparsifier", name="safe_plus", scope="nm", n_m=(2, 4))
   summary = trainer.train_and_evaluate(exp, str(tmp_path))
   assert summary["target_sparsity"] == summary["weight_sparsity"] == 0.5
+
+
+def test_report_on_real_runs(finished_run, tmp_path):
+  from safe_dist import report
+  _, workdir, summary = finished_run
+  out = str(tmp_path / "report")
+  report.write_report([workdir], out)
+  for name in ("accuracy_vs_sparsity.png", "training_curves.png"):
+    with open(os.path.join(out, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(out, "report.md")) as f:
+    text = f.read()
+  assert f"{100 * summary['val_accuracy']:.2f}%" in text and "LeNet300-100" in text
