@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from numpy_reference import keep_mask_global
 from safe_dist import optim
 from safe_dist.sparsity import (Projection, SparsifierConfig, auxiliary_and_dual, admm,
                                 find_admm_state, make_optimizer, prunable_tree)
@@ -35,16 +36,8 @@ def _problem(seed):
 
 def _np_keep_mask(arrays, sparsity):
   """Global exact top-k on |a|: drop floor(s N), ties dropped from the highest position."""
-  flat = np.concatenate([np.abs(a).ravel() for a in arrays])
-  n_drop = int(np.floor(sparsity * flat.size))
-  order = np.lexsort((np.arange(flat.size), -flat))  # score desc, position asc
-  keep = np.zeros(flat.size, bool)
-  keep[order[:flat.size - n_drop]] = True
-  out, start = [], 0
-  for a in arrays:
-    out.append(keep[start:start + a.size].reshape(a.shape))
-    start += a.size
-  return out
+  scores = [np.abs(a) for a in arrays]
+  return keep_mask_global(scores, int(np.floor(sparsity * sum(a.size for a in scores))))
 
 
 def _reference_run(cfg, params, curv, target, lr_fn, steps, total_steps, wd, momentum):
