@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from safe_dist.sparsity import projection
 from safe_dist.sparsity.projection import prune_mask
 
 SPARSITIES = (0.0, 0.03, 0.5, 0.999)
@@ -173,12 +174,60 @@ def _collectives(hlo):
   return out
 
 
+def test_sharded_few_ties_and_hard_distributions():
+  """Tie splits via per-device min/max (<= 2 tied entries per device) and via the position
+  search (more on one device); distributions that defeat the sample or the interpolation."""
+  mesh = _mesh((8,), ("d",))
+  sh = NamedSharding(mesh, P("d"))
+  n = 8 * 512
+  rng = np.random.default_rng(8)
+  base = (rng.permutation(n) / n).astype(np.float32)
+  med = base[np.argsort(base)[n // 2]]
+  few = base.copy()
+  few[[5, 700, 3000]] = med  # one tie per device, on three devices
+  many = base.copy()
+  many[[1030, 1100, 1200, 1300, 1500]] = med  # five tied entries on device 2
+  i = np.arange(n)
+  periodic = np.where(i % 8 == 0, 0.0, 1.0 + i * 1e-6).astype(np.float32)  # strided sample: 0s
+  spread = (2.0 ** rng.uniform(-100, 100, n)).astype(np.float32)
+  clusters = np.where(rng.random(n) < 0.5, 1e-30, 1e30).astype(np.float32) * (
+      1 + rng.random(n).astype(np.float32) * 1e-3)
+  ascending = np.sort(rng.random(n).astype(np.float32))
+  fn = jax.jit(lambda x, s: prune_mask(x, s, shardings=sh))
+  for a in (few, many, periodic, spread, clusters, ascending):
+    x = jax.device_put(a, sh)
+    for s in SPARSITIES + (0.5, 0.5005, 0.9, 0.12501):  # 0.5005: k = 2050 splits the ties
+      _check([fn(x, jnp.float32(s))], _ref_global([a], _k_traced(s, n)))
+
+
+def _compiled_collectives(scale):
+  mesh = _mesh((4, 2), ("a", "b"))
+  shapes_specs = [((16 * scale, 6), P("a", "b")), ((6, 12 * scale), P("b", "a")), ((7,), P())]
+  rng = np.random.default_rng(9)
+  shardings = [NamedSharding(mesh, sp) for _, sp in shapes_specs]
+  xs = [jax.device_put(_tied(rng, s), sh) for (s, _), sh in zip(shapes_specs, shardings)]
+  hlo = jax.jit(lambda x, s: prune_mask(x, s, shardings=shardings)).lower(
+      xs, jnp.float32(0.5)).compile().as_text()
+  return _collectives(hlo)
+
+
+def test_hlo_collectives_do_not_grow_with_size():
+  """Shard_map path: only small all-gathers / all-reduces (per-round stats, the fixed-size key
+  sample), the same for leaves 8x larger: the weights are never gathered."""
+  small, large = _compiled_collectives(64), _compiled_collectives(512)
+  assert small and sorted(small) == sorted(large), (small, large)
+  bound = 8 * (projection._SAMPLE + 3)
+  assert all(op in ("all-gather", "all-reduce") and size <= bound for op, size in large), large
+
+
 def test_hlo_no_gather_of_weights():
   arrays, xs, shardings = _sharded_case(7)
   hlo = jax.jit(lambda x, s: prune_mask(x, s, shardings=shardings)).lower(
       xs, jnp.float32(0.5)).compile().as_text()
   ops = _collectives(hlo)
-  assert ops and all(op == "all-reduce" and size <= 64 for op, size in ops), ops
+  # per-round stats ([devices, groups, _B + 2]) and the key sample (8 x ~_SAMPLE): no leaf data
+  bound = 8 * (projection._SAMPLE + len(arrays))
+  assert ops and all(op in ("all-gather", "all-reduce") and size <= bound for op, size in ops), ops
   # GSPMD fallback (no shardings given): only tiny partial-sum gathers, nothing of leaf size
   hlo = jax.jit(lambda x: prune_mask(x, 0.5)).lower(xs).compile().as_text()
   ops = _collectives(hlo)

@@ -4,11 +4,16 @@
 the one at the lower position (leaves in tree order, row-major inside a leaf) is kept.
 
 Method (no sort, no gather): scores map to order-preserving uint32 keys; the k-th smallest key
-of each group (all leaves for "global", one leaf each for "layerwise") is found by a radix-style
-search, `_B` thresholds per round, each round one fused counting pass whose [groups, _B] counts
-are summed across devices (a small all-reduce). Ties at the threshold are then split by a
-second search over the global positions of the equal entries (only run when needed). With
-sharded leaves this runs per shard inside `jax.shard_map`, so weights are never gathered.
+of each group (all leaves for "global", one leaf each for "layerwise") is found by a selection
+search, `_B` thresholds per round, each round one fused counting pass (counts below each
+threshold plus min/max inside the bracket) whose small per-device results are combined across
+devices (a tiny all-gather). Sharded: the first round's thresholds come from a fixed-size
+strided key sample (all-gathered and sorted: its size does not grow with N); later rounds
+interpolate the rank inside the bracket (Floyd-Rivest style), falling back to equal key-space
+splits. Ties at the threshold are then split over the global positions of the equal entries
+(only when needed; usually one pass). With sharded leaves this runs per shard inside
+`jax.shard_map`, so weights are never gathered. Exactness never depends on the heuristics:
+every bracket update uses exact counts.
 """
 
 import math
@@ -22,7 +27,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 SCOPES = ("global", "layerwise", "nm")
-_B = 7  # thresholds per search round (counted in one fused pass); measured best on CPU
+_B = 7  # thresholds per search round (one fused pass of _B + 2 operands); measured on CPU
 _SIGN = np.uint32(0x80000000)
 
 
@@ -115,70 +120,222 @@ class _Leaf:
     return pos
 
 
-def _count(operands_fn, blocks, leaves, num_groups, reduce):
-  """[groups, _B] counts: sum over all entries of `operands_fn(leaf_index, block)` (B bools)."""
+_UMAX = np.uint32(0xFFFFFFFF)
+_SAMPLE = 512  # per device and group: sampled keys for the first (rank-based) thresholds
+_SPREAD = 0.3  # interpolation: rank standard deviation ~ _SPREAD * sqrt(bracket count)
+_CURVE = 0.004  # ... plus _CURVE * count: the density is not flat across wide brackets
+_INTERP_WIDTH = 2**22  # key-space brackets narrower than this are split by interpolation
+_SHRINK = 2  # an interpolation round that shrinks the count less is followed by a uniform one
+
+
+def _count(operands_fn, blocks, leaves, num_groups, t, lo, hi, reduce):
+  """Counts [groups, _B] of entries with value < t[g, b], and min/max value in [lo, hi],
+  each combined over devices by `reduce(counts, mins, maxs)`.
+
+  `operands_fn(leaf_index, block)` gives (values uint32, eligible bool or None). One variadic
+  reduce per leaf over all dims: a single fused pass (no reshape, so GSPMD can partition it).
+  Plain sum/min/max combiners only: a combiner with selects (e.g. min and how many reach it)
+  is ~4x slower on CPU.
+  """
   counts = [jnp.zeros((_B,), jnp.int32) for _ in range(num_groups)]
+  mins = [jnp.full((), _UMAX) for _ in range(num_groups)]
+  maxs = [jnp.zeros((), jnp.uint32) for _ in range(num_groups)]
+
+  def red(a, b):
+    return tuple(u + v for u, v in zip(a[:_B], b[:_B])) + (
+        jnp.minimum(a[_B], b[_B]), jnp.maximum(a[_B + 1], b[_B + 1]))
+
   for i, (x, leaf) in enumerate(zip(blocks, leaves)):
-    # One variadic reduce over all dims: a single fused pass; no reshape, so GSPMD can
-    # partition it (local partial sums, then a tiny cross-device combine).
-    ops = tuple(jnp.where(c, 1, 0).astype(jnp.int32) for c in operands_fn(i, x))
-    sums = lax.reduce(ops, (np.int32(0),) * _B,
-                      lambda a, b: tuple(u + v for u, v in zip(a, b)), tuple(range(x.ndim)))
-    counts[leaf.group] = counts[leaf.group] + jnp.stack(sums) * leaf.weight()
-  return reduce(jnp.stack(counts))
+    g = leaf.group
+    v, ok = operands_fn(i, x)
+    inb = (v >= lo[g]) & (v <= hi[g])
+    lt = [v < t[g, b] for b in range(_B)]
+    if ok is not None:
+      inb = inb & ok
+      lt = [ok & c for c in lt]
+    if leaf.replicated_axes:  # min/max only over the counted (first) replica
+      inb = inb & (leaf.weight() > 0)
+    ops = tuple(jnp.where(c, 1, 0).astype(jnp.int32) for c in lt) + (
+        jnp.where(inb, v, _UMAX), jnp.where(inb, v, np.uint32(0)))
+    out = lax.reduce(ops, (np.int32(0),) * _B + (_UMAX, np.uint32(0)), red,
+                     tuple(range(x.ndim)))
+    counts[g] = counts[g] + jnp.stack(out[:_B]) * leaf.weight()
+    mins[g] = jnp.minimum(mins[g], out[_B])
+    maxs[g] = jnp.maximum(maxs[g], out[_B + 1])
+  return reduce(jnp.stack(counts), jnp.stack(mins), jnp.stack(maxs))
 
 
-def _search(count_fn, k, lo, hi, c_lo, c_hi):
-  """Per group the largest t in [lo, hi] with count(< t) < k (uint32), by _B-way rounds.
+# Interpolation thresholds: offsets in standard deviations of the bracket rank estimate.
+_OFFSETS = {5: (-2.5, -0.8, 0.0, 0.8, 2.5), 7: (-3.0, -1.5, -0.5, 0.0, 0.5, 1.5, 3.0)}
 
-  Invariant: count(< lo) = c_lo < k <= c_hi = count(< hi + 1). Groups with lo == hi are done.
+
+def _search(count_fn, k, lo, hi, c_lo, c_hi, first=None, interp_width=_INTERP_WIDTH,
+            stop_at_hi=True):
+  """Per group the largest t in [lo, hi] with count(< t) < k (uint32): k-th smallest value.
+
+  Invariant: count(< lo) = c_lo < k <= c_hi = count(< hi + 1), so the bracket holds the answer.
+  A group is done when lo == hi, or early: with `stop_at_hi` when c_hi == k (then dropping
+  every value <= hi drops exactly k; returned as lo = hi, c_lo not meaningful), else when
+  c_lo == k - 1 (values < lo are exactly k - 1; lo returned).
+
+  Every round is one counting pass at _B ascending thresholds; whatever the thresholds are,
+  the exact counts keep the invariant, so their choice only affects speed: `first`
+  ([groups, _B], e.g. from a sample) in round one; then, while the key-space width is in
+  (_B, interp_width) and the last interpolation round shrank the count _SHRINK-fold,
+  thresholds around the linearly interpolated position of rank k (spread ~ sqrt(count) plus
+  a term for curvature); else _B + 1 equal key-space parts (every key when the width is <= _B).
+  The same pass gives the min/max value inside the bracket, which snaps it to values that
+  exist (a bracket of equal values ends at once; two distinct values as well).
   """
   j = jnp.arange(1, _B + 1, dtype=jnp.uint32)
+  offs = jnp.asarray(_OFFSETS[_B], jnp.float32)
 
-  def body(carry):
-    lo, hi, c_lo, c_hi = carry
+  def thresholds(lo, hi, c_lo, c_hi, ok):
     w = hi - lo
     step = w // np.uint32(_B + 1) + np.uint32(1)
-    t = lo[:, None] + jnp.minimum(j[None, :] * step[:, None], w[:, None])
-    cnt = count_fn(t)
+    uni = lo[:, None] + jnp.minimum(j[None, :] * step[:, None], w[:, None])
+    cnt = jnp.maximum(c_hi - c_lo, 1).astype(jnp.float32)
+    # aim at the gap that ends the search early (count(< t) == k, or k - 1)
+    r = (k - c_lo).astype(jnp.float32) - (0.0 if stop_at_hi else 1.0)
+    wf = w.astype(jnp.float32) + 1.0
+    per = wf / cnt  # keys per entry
+    sd = _SPREAD * jnp.sqrt(cnt) + _CURVE * cnt + 1.0
+    pos = (r[:, None] + offs[None, :] * sd[:, None]) * per[:, None]
+    pos = jnp.clip(jnp.round(pos), 1.0, jnp.minimum(w.astype(jnp.float32), 4.29e9)[:, None])
+    itp = lo[:, None] + jnp.minimum(pos.astype(jnp.uint32), w[:, None])
+    # (a bracket of <= _B + 1 keys is split at every key: exact in one round)
+    use = ok & (w < np.uint32(interp_width)) & (w > np.uint32(_B))
+    return jnp.where(use[:, None], itp, uni), use
+
+  def body(carry):
+    lo, hi, c_lo, c_hi, ok, rnd = carry
+    t, use = thresholds(lo, hi, c_lo, c_hi, ok)
+    if first is not None:
+      t = jnp.where(rnd == 0, first, t)
+      use = use | (rnd == 0)
+    cnt, mn, mx = count_fn(t, lo, hi)
+    active = ~stopped(lo, hi, c_lo, c_hi)
     below = cnt < k[:, None]
-    lo = jnp.maximum(lo, jnp.max(jnp.where(below, t, lo[:, None]), axis=1))
-    c_lo = jnp.maximum(c_lo, jnp.max(jnp.where(below, cnt, c_lo[:, None]), axis=1))
-    hi = jnp.minimum(hi, jnp.min(jnp.where(below, hi[:, None], t - np.uint32(1)), axis=1))
-    c_hi = jnp.minimum(c_hi, jnp.min(jnp.where(below, c_hi[:, None], cnt), axis=1))
-    return lo, hi, c_lo, c_hi
+    n_lo = jnp.maximum(lo, jnp.max(jnp.where(below, t, lo[:, None]), axis=1))
+    n_clo = jnp.maximum(c_lo, jnp.max(jnp.where(below, cnt, c_lo[:, None]), axis=1))
+    n_hi = jnp.minimum(hi, jnp.min(jnp.where(below, hi[:, None], t - np.uint32(1)), axis=1))
+    n_chi = jnp.minimum(c_hi, jnp.min(jnp.where(below, c_hi[:, None], cnt), axis=1))
+    # values exist in [mn, mx] only: no entry in [lo, mn) or (mx, hi], counts unchanged
+    n_lo = jnp.where(active, jnp.maximum(n_lo, mn), lo)
+    n_hi = jnp.where(active, jnp.minimum(n_hi, mx), hi)
+    # two distinct entries in the bracket: the answer is one of them, each counted once
+    two = active & (c_hi - c_lo == 2) & (mn < mx)
+    first_one = k - c_lo == 1
+    n_lo = jnp.where(two, jnp.where(first_one, mn, mx), n_lo)
+    n_hi = jnp.where(two, jnp.where(first_one, mn, mx), n_hi)
+    n_clo = jnp.where(two, jnp.where(first_one, c_lo, c_lo + 1), n_clo)
+    n_chi = jnp.where(two, jnp.where(first_one, c_lo + 1, c_hi), n_chi)
+    keep = lambda new, old: jnp.where(active, new, old)
+    n_lo, n_hi, n_clo, n_chi = keep(n_lo, lo), keep(n_hi, hi), keep(n_clo, c_lo), keep(n_chi, c_hi)
+    shrunk = (n_chi - n_clo) * _SHRINK <= (c_hi - c_lo)
+    ok = jnp.where(use, shrunk, True)
+    return n_lo, n_hi, n_clo, n_chi, ok, rnd + 1
 
-  return lax.while_loop(lambda c: jnp.any(c[0] < c[1]), body, (lo, hi, c_lo, c_hi))
+  def stopped(lo, hi, c_lo, c_hi):
+    return (lo >= hi) | ((c_hi == k) if stop_at_hi else (c_lo == k - 1))
+
+  ok0 = jnp.ones(lo.shape, bool)
+  lo, hi, c_lo, c_hi, _, _ = lax.while_loop(lambda c: ~jnp.all(stopped(*c[:4])), body,
+                                            (lo, hi, c_lo, c_hi, ok0, jnp.int32(0)))
+  if stop_at_hi:
+    lo = jnp.where(c_hi == k, hi, lo)
+  return lo, hi, c_lo, c_hi
 
 
-def _select(blocks, leaves, k, sizes, reduce):
-  """Local keep-masks of `blocks` (local shards) dropping k[g] entries per group g."""
+def _sample_thresholds(blocks, leaves, k, sizes, gather):
+  """[groups, _B] first-round key thresholds from a strided sample of every local block.
+
+  Each device takes ~_SAMPLE keys per group, strided over its local blocks in proportion to
+  their sizes (so every sample point stands for about the same number of entries; replicas
+  other than the first one of a replicated leaf are masked out); `gather` collects them from
+  all devices (fixed size, independent of N). One single-operand sort (fast on CPU, unlike a
+  keyed sort), then the thresholds are sample keys around the rank k (spread ~ sqrt(sample)).
+  """
+  num_groups = len(sizes)
+  local = [0] * num_groups
+  for x, leaf in zip(blocks, leaves):
+    local[leaf.group] += x.size
+  per_group = [[] for _ in range(num_groups)]
+  for x, leaf in zip(blocks, leaves):
+    g = leaf.group
+    if x.size == 0:
+      continue
+    m = max(1, min(x.size, round(_SAMPLE * x.size / local[g])))
+    keys = _keys(x.reshape(-1)[::x.size // m][:m])
+    if leaf.replicated_axes:
+      keys = jnp.where(leaf.weight() > 0, keys, _UMAX)
+    per_group[g].append(keys)
+  width = max(sum(a.size for a in p) for p in per_group)
+  ks = []
+  for p in per_group:
+    kk = jnp.concatenate(p) if p else jnp.zeros((0,), jnp.uint32)
+    ks.append(jnp.concatenate([kk, jnp.full((width - kk.size,), _UMAX)]))
+  skeys, valid = gather(jnp.stack(ks))  # [groups, devices * width], [groups]
+  skeys = jnp.sort(skeys, axis=1)
+  valid = valid.astype(jnp.float32)
+  q = jnp.clip(k.astype(jnp.float32) / jnp.asarray(sizes, jnp.float32), 0.0, 1.0)
+  sd = jnp.sqrt(valid * q * (1 - q)) + 1.0
+  idx = (q * valid)[:, None] + jnp.asarray(_OFFSETS[_B], jnp.float32)[None, :] * sd[:, None]
+  idx = jnp.clip(jnp.floor(idx), 0, jnp.maximum(valid - 1, 0)[:, None]).astype(jnp.int32)
+  return jnp.take_along_axis(skeys, idx, axis=1)
+
+
+def _combine(c, mn, mx):
+  """Per-device stats ([devices, groups, ...]) -> totals, min, max."""
+  return jnp.sum(c, axis=0), jnp.min(mn, axis=0), jnp.max(mx, axis=0)
+
+
+def _select(blocks, leaves, k, sizes, collect, gather=None):
+  """Local keep-masks of `blocks` (local shards) dropping k[g] entries per group g.
+
+  `collect(counts, mins, maxs)` gives every device's local stats ([devices, ...]); `gather`
+  (optional) every device's key sample.
+  """
+  reduce = lambda *stats: _combine(*collect(*stats))
   num_groups = len(sizes)
   n = jnp.asarray(sizes, jnp.int32)
   done = k <= 0
   zero = jnp.zeros((num_groups,), jnp.uint32)
-  top = jnp.where(done, zero, np.uint32(0xFFFFFFFF))
+  top = jnp.where(done, zero, _UMAX)
 
-  def count_keys(t):
-    return _count(lambda i, x: [_keys(x) < t[leaves[i].group, b] for b in range(_B)],
-                  blocks, leaves, num_groups, reduce)
+  def count_keys(t, lo, hi):
+    return _count(lambda i, x: (_keys(x), None), blocks, leaves, num_groups, t, lo, hi, reduce)
 
-  thr, _, c_lt, c_le = _search(count_keys, k, zero, top, jnp.zeros_like(n), n)
+  first = None if gather is None else _sample_thresholds(blocks, leaves, k, sizes, gather)
+  thr, _, c_lt, c_le = _search(count_keys, k, zero, top, jnp.zeros_like(n), n, first=first)
   drop_eq = k - c_lt  # entries equal to the threshold to drop, from the highest position
   keep_eq = c_le - c_lt - drop_eq
   need = (~done) & (keep_eq > 0)
 
-  def count_pos(t):
+  def count_pos(t, lo, hi, red=reduce):
     def ops(i, x):
-      eq = _keys(x) == thr[leaves[i].group]
-      pos = leaves[i].positions()
-      return [eq & (pos < t[leaves[i].group, b]) for b in range(_B)]
-    return _count(ops, blocks, leaves, num_groups, reduce)
+      return leaves[i].positions(), _keys(x) == thr[leaves[i].group]
+    return _count(ops, blocks, leaves, num_groups, t, lo, hi, red)
 
   def pos_cut():
+    # The cut is the position of the (keep_eq + 1)-th tied entry. First pass: every device's
+    # count, min and max position of its tied entries; when no device has more than two,
+    # these are all the tied positions (the usual case: few ties). Else (or for the other
+    # groups) a search inside [min, max].
+    r = keep_eq + 1
     hi = jnp.where(need, (n - 1).astype(jnp.uint32), zero)
-    cut, _, c_below, _ = _search(count_pos, keep_eq + 1, zero, hi, jnp.zeros_like(n), c_le - c_lt)
-    # keep_eq + 1 > count(pos < cut) holds with equality: positions below `cut` are kept
+    t_all = jnp.broadcast_to(n.astype(jnp.uint32)[:, None], (num_groups, _B))
+    lc, lmn, lmx = count_pos(t_all, zero, hi, collect)  # [devices, groups, ...]
+    lc = lc[..., 0]
+    cands = jnp.concatenate([jnp.where(lc >= 1, lmn, _UMAX), jnp.where(lc == 2, lmx, _UMAX)])
+    cands = jnp.sort(cands, axis=0)  # [2 * devices, groups]
+    found = jnp.take_along_axis(cands, jnp.clip(r - 1, 0, cands.shape[0] - 1)[None], 0)[0]
+    small = need & jnp.all(lc <= 2, axis=0)
+    lo = jnp.where(small, found, jnp.where(need, jnp.min(lmn, axis=0), zero))
+    hi = jnp.where(small, found, jnp.where(need, jnp.max(lmx, axis=0), zero))
+    cut, _, _, _ = _search(count_pos, r, lo, hi, jnp.zeros_like(n), c_le - c_lt,
+                           interp_width=2**32 - 1, stop_at_hi=False)
+    # r > count(pos < cut) holds with equality: tied entries below `cut` are kept
     return jnp.where(need, cut, zero)
 
   cut = lax.cond(jnp.any(need), pos_cut, lambda: zero)
@@ -242,12 +399,24 @@ def _masks_jit(arrays, k, groups, sizes, mesh, specs):
     seen[g] = offsets[-1] + x.size
   if mesh is None:
     leaves = [_Leaf(x.shape, g, o) for x, g, o in zip(arrays, groups, offsets)]
-    return _select(list(arrays), leaves, k, sizes, lambda c: c)
+    return _select(list(arrays), leaves, k, sizes, lambda c, mn, mx: (c[None], mn[None], mx[None]))
   leaves = [_Leaf(x.shape, g, o, s, mesh.shape) for x, g, o, s in zip(arrays, groups, offsets, specs)]
   axes = tuple(mesh.axis_names)
 
+  def collect(c, mn, mx):
+    # one small all-gather per round: [devices, groups, _B + 2]
+    pay = jnp.concatenate([lax.bitcast_convert_type(c, jnp.uint32), mn[:, None], mx[:, None]], 1)
+    allp = lax.all_gather(pay, axes, tiled=False)
+    return lax.bitcast_convert_type(allp[..., :_B], jnp.int32), allp[..., _B], allp[..., _B + 1]
+
+  def gather(keys):
+    # the fixed-size key sample (~_SAMPLE per group and device), never the weights
+    valid = lax.psum(jnp.sum(keys != _UMAX, axis=1), axes)
+    allk = lax.all_gather(keys, axes, axis=1, tiled=True)
+    return allk, valid
+
   def body(k, *blocks):
-    return tuple(_select(list(blocks), leaves, k, sizes, lambda c: lax.psum(c, axes)))
+    return tuple(_select(list(blocks), leaves, k, sizes, collect, gather))
 
   fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), *specs), out_specs=tuple(specs),
                      check_vma=False)
