@@ -123,7 +123,7 @@ class _Leaf:
 _UMAX = np.uint32(0xFFFFFFFF)
 _SAMPLE = 512  # per device and group: sampled keys for the first (rank-based) thresholds
 _SPREAD = 0.3  # interpolation: rank standard deviation ~ _SPREAD * sqrt(bracket count)
-_CURVE = 0.004  # ... plus _CURVE * count: the density is not flat across wide brackets
+_CURVE = 0.001  # ... plus _CURVE * count: the density is not flat across wide brackets
 _INTERP_WIDTH = 2**22  # key-space brackets narrower than this are split by interpolation
 _SHRINK = 2  # an interpolation round that shrinks the count less is followed by a uniform one
 
@@ -190,7 +190,7 @@ def _search(count_fn, k, lo, hi, c_lo, c_hi, first=None, interp_width=_INTERP_WI
   j = jnp.arange(1, _B + 1, dtype=jnp.uint32)
   offs = jnp.asarray(_OFFSETS[_B], jnp.float32)
 
-  def thresholds(lo, hi, c_lo, c_hi, ok):
+  def thresholds(lo, hi, c_lo, c_hi, ok, nb):
     w = hi - lo
     step = w // np.uint32(_B + 1) + np.uint32(1)
     uni = lo[:, None] + jnp.minimum(j[None, :] * step[:, None], w[:, None])
@@ -198,9 +198,20 @@ def _search(count_fn, k, lo, hi, c_lo, c_hi, first=None, interp_width=_INTERP_WI
     # aim at the gap that ends the search early (count(< t) == k, or k - 1)
     r = (k - c_lo).astype(jnp.float32) - (0.0 if stop_at_hi else 1.0)
     wf = w.astype(jnp.float32) + 1.0
-    per = wf / cnt  # keys per entry
     sd = _SPREAD * jnp.sqrt(cnt) + _CURVE * cnt + 1.0
-    pos = (r[:, None] + offs[None, :] * sd[:, None]) * per[:, None]
+    # density linear in the key: slope from the exact counts just outside the bracket
+    tl, cl, tr, cr = nb
+    rho = cnt / wf
+    dl, dr = (lo - tl).astype(jnp.float32), (tr - hi).astype(jnp.float32)
+    rho_l = jnp.where(dl > 0, (c_lo - cl).astype(jnp.float32) / jnp.maximum(dl, 1.0), rho)
+    rho_r = jnp.where(dr > 0, (cr - c_hi).astype(jnp.float32) / jnp.maximum(dr, 1.0), rho)
+    slope = (rho_r - rho_l) / (0.5 * dl + wf + 0.5 * dr)
+    lim = 1.8 * rho / wf  # keep the density > 0.1 rho across the bracket
+    slope = jnp.clip(slope, -lim, lim)
+    a, b = 0.5 * slope, rho - 0.5 * slope * wf  # count(< lo + x) - c_lo ~ a x^2 + b x
+    ro = jnp.clip(r[:, None] + offs[None, :] * sd[:, None], 0.0, cnt[:, None])
+    pos = 2.0 * ro / (b[:, None] + jnp.sqrt(jnp.maximum(b[:, None]**2 + 4.0 * a[:, None] * ro,
+                                                        0.0)))
     pos = jnp.clip(jnp.round(pos), 1.0, jnp.minimum(w.astype(jnp.float32), 4.29e9)[:, None])
     itp = lo[:, None] + jnp.minimum(pos.astype(jnp.uint32), w[:, None])
     # (a bracket of <= _B + 1 keys is split at every key: exact in one round)
@@ -208,8 +219,8 @@ def _search(count_fn, k, lo, hi, c_lo, c_hi, first=None, interp_width=_INTERP_WI
     return jnp.where(use[:, None], itp, uni), use
 
   def body(carry):
-    lo, hi, c_lo, c_hi, ok, rnd = carry
-    t, use = thresholds(lo, hi, c_lo, c_hi, ok)
+    lo, hi, c_lo, c_hi, ok, rnd, nb = carry
+    t, use = thresholds(lo, hi, c_lo, c_hi, ok, nb)
     if first is not None:
       t = jnp.where(rnd == 0, first, t)
       use = use | (rnd == 0)
@@ -234,14 +245,24 @@ def _search(count_fn, k, lo, hi, c_lo, c_hi, first=None, interp_width=_INTERP_WI
     n_lo, n_hi, n_clo, n_chi = keep(n_lo, lo), keep(n_hi, hi), keep(n_clo, c_lo), keep(n_chi, c_hi)
     shrunk = (n_chi - n_clo) * _SHRINK <= (c_hi - c_lo)
     ok = jnp.where(use, shrunk, True)
-    return n_lo, n_hi, n_clo, n_chi, ok, rnd + 1
+    # nearest thresholds outside the new bracket (with their counts), for the density slope
+    nbl = jnp.sum(below, axis=1)
+    at = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, _B - 1)[:, None], 1)[:, 0]
+    tl, cl, tr, cr = nb
+    tl = jnp.where(nbl >= 2, at(t, nbl - 2), jnp.where(nbl == 1, lo, tl))
+    cl = jnp.where(nbl >= 2, at(cnt, nbl - 2), jnp.where(nbl == 1, c_lo, cl))
+    tr = jnp.where(nbl <= _B - 2, at(t, nbl + 1) - np.uint32(1), jnp.where(nbl == _B - 1, hi, tr))
+    cr = jnp.where(nbl <= _B - 2, at(cnt, nbl + 1), jnp.where(nbl == _B - 1, c_hi, cr))
+    nb = tuple(keep(a, b) for a, b in zip((tl, cl, tr, cr), nb))
+    return n_lo, n_hi, n_clo, n_chi, ok, rnd + 1, nb
 
   def stopped(lo, hi, c_lo, c_hi):
     return (lo >= hi) | ((c_hi == k) if stop_at_hi else (c_lo == k - 1))
 
   ok0 = jnp.ones(lo.shape, bool)
-  lo, hi, c_lo, c_hi, _, _ = lax.while_loop(lambda c: ~jnp.all(stopped(*c[:4])), body,
-                                            (lo, hi, c_lo, c_hi, ok0, jnp.int32(0)))
+  lo, hi, c_lo, c_hi, _, _, _ = lax.while_loop(
+      lambda c: ~jnp.all(stopped(*c[:4])), body,
+      (lo, hi, c_lo, c_hi, ok0, jnp.int32(0), (lo, c_lo, hi, c_hi)))
   if stop_at_hi:
     lo = jnp.where(c_hi == k, hi, lo)
   return lo, hi, c_lo, c_hi
