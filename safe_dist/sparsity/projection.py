@@ -333,10 +333,30 @@ def _select(blocks, leaves, k, sizes, collect, gather=None):
   keep_eq = c_le - c_lt - drop_eq
   need = (~done) & (keep_eq > 0)
 
-  def count_pos(t, lo, hi, red=reduce):
+  def count_pos(t, lo, hi):
     def ops(i, x):
       return leaves[i].positions(), _keys(x) == thr[leaves[i].group]
-    return _count(ops, blocks, leaves, num_groups, t, lo, hi, red)
+    return _count(ops, blocks, leaves, num_groups, t, lo, hi, reduce)
+
+  def tied_stats():
+    """Every device's count, min and max position of its entries equal to the threshold."""
+    c = [jnp.int32(0)] * num_groups
+    mn = [jnp.full((), _UMAX)] * num_groups
+    mx = [jnp.zeros((), jnp.uint32)] * num_groups
+    for x, leaf in zip(blocks, leaves):
+      g = leaf.group
+      eq = _keys(x) == thr[g]
+      if leaf.replicated_axes:
+        eq = eq & (leaf.weight() > 0)
+      pos = leaf.positions()
+      out = lax.reduce((eq.astype(jnp.int32), jnp.where(eq, pos, _UMAX), jnp.where(eq, pos, 0)),
+                       (np.int32(0), _UMAX, np.uint32(0)),
+                       lambda a, b: (a[0] + b[0], jnp.minimum(a[1], b[1]),
+                                     jnp.maximum(a[2], b[2])), tuple(range(x.ndim)))
+      c[g], mn[g], mx[g] = c[g] + out[0], jnp.minimum(mn[g], out[1]), jnp.maximum(mx[g], out[2])
+    c = jnp.broadcast_to(jnp.stack(c)[:, None], (num_groups, _B))
+    lc, lmn, lmx = collect(c, jnp.stack(mn), jnp.stack(mx))
+    return lc[..., 0], lmn, lmx
 
   def pos_cut():
     # The cut is the position of the (keep_eq + 1)-th tied entry. First pass: every device's
@@ -345,17 +365,18 @@ def _select(blocks, leaves, k, sizes, collect, gather=None):
     # groups) a search inside [min, max].
     r = keep_eq + 1
     hi = jnp.where(need, (n - 1).astype(jnp.uint32), zero)
-    t_all = jnp.broadcast_to(n.astype(jnp.uint32)[:, None], (num_groups, _B))
-    lc, lmn, lmx = count_pos(t_all, zero, hi, collect)  # [devices, groups, ...]
-    lc = lc[..., 0]
+    lc, lmn, lmx = tied_stats()  # [devices, groups]
     cands = jnp.concatenate([jnp.where(lc >= 1, lmn, _UMAX), jnp.where(lc == 2, lmx, _UMAX)])
     cands = jnp.sort(cands, axis=0)  # [2 * devices, groups]
     found = jnp.take_along_axis(cands, jnp.clip(r - 1, 0, cands.shape[0] - 1)[None], 0)[0]
     small = need & jnp.all(lc <= 2, axis=0)
     lo = jnp.where(small, found, jnp.where(need, jnp.min(lmn, axis=0), zero))
     hi = jnp.where(small, found, jnp.where(need, jnp.max(lmx, axis=0), zero))
-    cut, _, _, _ = _search(count_pos, r, lo, hi, jnp.zeros_like(n), c_le - c_lt,
-                           interp_width=2**32 - 1, stop_at_hi=False)
+    # (own cond: XLA hoists the loop-invariant positions out of the search loop and would
+    # materialize them even when the loop runs zero rounds)
+    search = lambda: _search(count_pos, r, lo, hi, jnp.zeros_like(n), c_le - c_lt,
+                             interp_width=2**32 - 1, stop_at_hi=False)[0]
+    cut = lax.cond(jnp.any(lo < hi), search, lambda: lo)
     # r > count(pos < cut) holds with equality: tied entries below `cut` are kept
     return jnp.where(need, cut, zero)
 
