@@ -128,7 +128,8 @@ def plot_training_curves(runs: list[Run], path: str) -> bool:
     for i, r in enumerate(runs):
       if tag in r.scalars:
         steps, values = r.scalars[tag]
-        ax.plot(steps, values, color=colors[i % len(colors)], linewidth=1.5, label=r.name)
+        ax.plot(steps, values, color=colors[i % len(colors)], linewidth=1.5, label=r.name,
+                marker="o" if len(steps) < 25 else None, markersize=3)
     ax.set_title(tag)
     ax.set_xlabel("step")
     ax.set_ylabel(label)
