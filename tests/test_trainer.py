@@ -9,7 +9,8 @@ import pytest
 
 from safe_dist import trainer
 from safe_dist.checkpointing import Checkpointer
-from safe_dist.sparsity import weight_sparsity
+from safe_dist.sparsity import prunable_leaves, projection, weight_sparsity
+from test_projection import _collectives
 from trainer_helpers import debug_experiment, read_scalars, read_tags, replace
 
 REQUIRED_TAGS = ("train/loss", "train/accuracy", "val/accuracy", "val/masked_accuracy",
@@ -95,7 +96,7 @@ def test_batch_size_not_divisible_by_data_parallel_size():
 
 
 def test_projection_in_the_trainer_gathers_no_weights():
-  """With kernels split over fsdp, Proj_d compiles to small all-reduces only."""
+  """With kernels split over fsdp, Proj_d compiles to small collectives only."""
   exp = replace(debug_experiment(), "mesh", data=2, fsdp=4)
   run = trainer.setup(exp)
   split = [not s.is_fully_replicated for s in jax.tree.leaves(run.param_shardings)]
@@ -103,8 +104,11 @@ def test_projection_in_the_trainer_gathers_no_weights():
   hlo = jax.jit(lambda p: run.projection.project_params(p),
                 in_shardings=(run.param_shardings,), out_shardings=run.param_shardings).lower(
                     run.abstract_state.params).compile().as_text()
-  assert "all-gather" not in hlo and "all-to-all" not in hlo
-  assert "all-reduce" in hlo
+  # Per-round counts and the fixed-size key sample only; the kernels hold 266k weights.
+  ops = _collectives(hlo)
+  bound = 8 * (projection._SAMPLE + 3)
+  assert ops and all(op in ("all-gather", "all-reduce") and size <= bound for op, size in ops)
+  assert sum(x.size for x in prunable_leaves(run.abstract_state.params)) > 50 * bound
 
 
 def test_nm_run_ends_two_of_four(tmp_path):
