@@ -130,7 +130,7 @@ def _array_batches(run, images: np.ndarray, labels: np.ndarray) -> Iterator[dict
     index = np.where(real, rows, 0)
     image = np.where(real.reshape((-1,) + (1,) * (images.ndim - 1)),
                      images[index].astype(np.float32) / scale, 0.0).astype(np.float32)
-    yield trainer._global_batch(run.mesh, {  # pylint: disable=protected-access
+    yield trainer.global_batch(run.mesh, {
         "image": image, "label": np.where(real, labels[index], 0).astype(np.int32),
         "weight": real.astype(np.float32)})
 

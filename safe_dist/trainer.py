@@ -90,7 +90,8 @@ def _write_json(path: str, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # Data as global arrays.
 
-def _global_batch(mesh, local_batch: dict) -> dict:
+def global_batch(mesh, local_batch: dict) -> dict:
+  """A global array sharded over the data axes from this process's rows of the batch."""
   spec = sharding.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(spec, np.asarray(v))
           for k, v in local_batch.items()}
@@ -226,7 +227,7 @@ def evaluate(run: Run, params, batch_stats, split="test") -> dict:
       exp.data.name, batch_size=batch_size, split=split, data_dir=exp.data.data_dir,
       max_examples=exp.data.max_eval_examples, process_index=jax.process_index(),
       process_count=jax.process_count()):
-    sums = run.eval_step(params, batch_stats, _global_batch(run.mesh, local))
+    sums = run.eval_step(params, batch_stats, global_batch(run.mesh, local))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals["count"]), 1.0)
@@ -245,7 +246,7 @@ def recalibrate_batch_stats(run: Run, params, batch_stats):
       process_index=jax.process_index(), process_count=jax.process_count())
   stats_step = jax.jit(steps_lib.make_batch_stats_step(run.model))
   zeros = jax.tree.map(jnp.zeros_like, batch_stats)
-  per_batch = [stats_step(params, zeros, _global_batch(run.mesh, next(iterator)))
+  per_batch = [stats_step(params, zeros, global_batch(run.mesh, next(iterator)))
                for _ in range(num_batches)]
   return steps_lib.average_trees(per_batch)
 
@@ -317,7 +318,7 @@ def _held_out_batch(run: Run) -> dict:
       run.exp.data.name, batch_size=size, split="test", data_dir=run.exp.data.data_dir,
       max_examples=run.exp.data.max_eval_examples, process_index=jax.process_index(),
       process_count=jax.process_count())))
-  return _global_batch(run.mesh, local)
+  return global_batch(run.mesh, local)
 
 
 def _log_sharpness(run: Run, state: TrainState, writer: MetricWriter, step: int,
@@ -392,7 +393,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
   held_out = _held_out_batch(run) if plan.sharpness_every_steps else None
   step = start_step
   while step < plan.total_steps:
-    batch = _global_batch(run.mesh, next(train_iter))
+    batch = global_batch(run.mesh, next(train_iter))
     state, metrics = run.train_step(state, batch)
     step += 1
     pending.append((step, metrics))

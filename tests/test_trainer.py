@@ -143,7 +143,7 @@ def test_batch_norm_statistics_are_global_batch_statistics():
   permuted = {k: v[rng.permutation(32)] for k, v in batch.items()}
 
   def one_step(run, b):
-    state, metrics = run.train_step(run.init(0), trainer._global_batch(run.mesh, b))
+    state, metrics = run.train_step(run.init(0), trainer.global_batch(run.mesh, b))
     return jax.device_get((state.batch_stats, state.params, metrics["train/loss"]))
 
   one = trainer.setup(replace(exp, "mesh", data=1, num_devices=1))
