@@ -27,6 +27,6 @@ if [ -z "${SAFE_DATA_DIR:-}" ] && [ ! -d "$FMNIST" ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,eval]'  # eval: also what the tests need
 WORKDIR="${1:-runs/quickstart}"
 exec .venv/bin/python -m safe_dist.train --config config:fashion_mnist_lenet --workdir "$WORKDIR"
