@@ -45,6 +45,7 @@ def admm_metrics(params, opt_state) -> dict[str, jax.Array]:
       "admm/primal_residual": gap,
       "admm/dual_norm": jnp.sqrt(_tree_sq_norm(u)),
       "admm/mask_change": admm_state.mask_change,
+      "admm/dual_residual": admm_state.dual_residual,
   }
 
 

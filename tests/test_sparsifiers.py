@@ -222,13 +222,18 @@ def test_lean_state_is_bit_identical_and_small(seed):
   xs = [params, params]
   states = [t.init(params) for t in txs]
   steps = [jax.jit(lambda g, s, x, t=t: t.update(g, s, x)) for t in txs]
-  for _ in range(17):
+  for t in range(17):
     grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    z_before = states[1][0][1]
     for i in range(2):
       updates, states[i] = steps[i](grads, states[i], xs[i])
       xs[i] = optax.apply_updates(xs[i], updates)
     for k in shapes:
       np.testing.assert_array_equal(np.asarray(xs[0][k]), np.asarray(xs[1][k]))
+    if t % 3 == 0:  # a dual update: ||z - z_prev|| is reported
+      want = np.sqrt(sum(np.sum((np.asarray(states[1][0][1][k], np.float64) -
+                                 np.asarray(z_before[k], np.float64)) ** 2) for k in shapes))
+      assert float(states[0][0].dual_residual) == pytest.approx(want, rel=1e-5)
   z, u = auxiliary_and_dual(states[0][0])
   for k in shapes:
     np.testing.assert_array_equal(np.asarray(z[k]), np.asarray(states[1][0][1][k]))

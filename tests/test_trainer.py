@@ -16,6 +16,7 @@ from trainer_helpers import debug_experiment, read_scalars, read_tags, replace
 REQUIRED_TAGS = ("train/loss", "train/accuracy", "val/accuracy", "val/masked_accuracy",
                  "sparsity/z", "admm/constraint_gap", "admm/lambda", "optim/lr", "sharpness/sam",
                  "sparsity/projected_weights", "admm/dual_norm", "admm/mask_change",
+                 "admm/dual_residual",
                  "sharpness/hessian_max_eig", "sharpness/hessian_trace",
                  "sharpness/hessian_max_eig_projected", "sharpness/hessian_trace_projected",
                  "perf/examples_per_sec", "perf/step_time")

@@ -25,12 +25,14 @@ from safe_dist.sparsity.masking import Projection
 class ADMMState(NamedTuple):
   """count: steps taken; a = x + u at the last dual update; keep_bits: its mask, bit-packed
   along the last axis; mask_change: fraction of mask entries flipped at the last dual update;
+  dual_residual: ||z - z_prev|| at the last dual update;
   importance_sum / importance_count: SAFE+'s P accumulated since the last dual update
   (empty for SAFE and ADMM)."""
   count: jax.Array
   a: optax.Params
   keep_bits: optax.Params
   mask_change: jax.Array
+  dual_residual: jax.Array
   importance_sum: Any = ()
   importance_count: Any = ()
 
@@ -87,7 +89,8 @@ def admm(projection: Projection, penalty: optax.ScalarOrSchedule, dual_update_in
     # An all-ones mask makes u = a - a = 0 and z = x: the first update (t = 0) is a dual update.
     ones = jax.tree.map(lambda x: pack_mask(jnp.ones(x.shape, bool)), params)
     state = ADMMState(count=jnp.zeros([], jnp.int32), a=params, keep_bits=ones,
-                      mask_change=jnp.zeros([], jnp.float32))
+                      mask_change=jnp.zeros([], jnp.float32),
+                      dual_residual=jnp.zeros([], jnp.float32))
     if importance is None:
       return state
     return state._replace(importance_sum=importance_lib.init_sum(importance, params),
@@ -102,7 +105,7 @@ def admm(projection: Projection, penalty: optax.ScalarOrSchedule, dual_update_in
                              importance_count=state.importance_count + 1)
 
     def dual_update(_):
-      _, u = auxiliary_and_dual(state)
+      z_prev, u = auxiliary_and_dual(state)
       a = jax.tree.map(jnp.add, params, u)
       if importance is None:
         scores = jax.tree.map(jnp.abs, a)
@@ -111,15 +114,18 @@ def admm(projection: Projection, penalty: optax.ScalarOrSchedule, dual_update_in
         scores = importance_lib.scores(a, mean)
       bits = jax.tree.map(pack_mask, projection.masks(scores))
       size = sum(x.size for x in jax.tree.leaves(a))
+      z = jax.tree.map(lambda x, b: x * unpack_mask(b, x.shape).astype(x.dtype), a, bits)
+      residual = optax.tree.norm(jax.tree.map(jnp.subtract, z, z_prev)).astype(jnp.float32)
       reset = jax.tree.map(jnp.zeros_like, (state.importance_sum, state.importance_count))
-      return (a, bits, _count_changed(state.keep_bits, bits) / size) + reset
+      return (a, bits, _count_changed(state.keep_bits, bits) / size, residual) + reset
 
-    a, bits, change, imp_sum, imp_count = jax.lax.cond(
+    a, bits, change, residual, imp_sum, imp_count = jax.lax.cond(
         state.count % dual_update_interval == 0, dual_update,
-        lambda _: (state.a, state.keep_bits, state.mask_change, state.importance_sum,
-                   state.importance_count), None)
+        lambda _: (state.a, state.keep_bits, state.mask_change, state.dual_residual,
+                   state.importance_sum, state.importance_count), None)
     new_state = ADMMState(count=state.count + 1, a=a, keep_bits=bits, mask_change=change,
-                          importance_sum=imp_sum, importance_count=imp_count)
+                          dual_residual=residual, importance_sum=imp_sum,
+                          importance_count=imp_count)
     z, u = auxiliary_and_dual(new_state)
     lam = penalty_fn(state.count)
     updates = jax.tree.map(lambda g, x, z_, u_: g + (lam * (x - z_ + u_)).astype(g.dtype),
