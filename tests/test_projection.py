@@ -10,32 +10,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safe_dist.sparsity import projection
+from numpy_reference import keep_mask_global as _ref_global
+from numpy_reference import keep_mask_nm as _ref_nm
 from safe_dist.sparsity.projection import prune_mask
 
 SPARSITIES = (0.0, 0.03, 0.5, 0.999)
-
-
-def _ref_global(arrays, k):
-  """Keep-masks dropping the k smallest; ties: the higher position is dropped first."""
-  flat = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
-  order = np.lexsort((np.arange(flat.size), -flat))  # score desc, position asc
-  keep = np.zeros(flat.size, bool)
-  keep[order[:flat.size - k]] = True
-  out, start = [], 0
-  for a in arrays:
-    out.append(keep[start:start + a.size].reshape(a.shape))
-    start += a.size
-  return out
-
-
-def _ref_nm(a, n, m):
-  moved = np.moveaxis(np.asarray(a, np.float64), -2, -1)
-  g = moved.reshape(-1, m)
-  keep = np.zeros(g.shape, bool)
-  for r in range(g.shape[0]):
-    order = np.lexsort((np.arange(m), -g[r]))
-    keep[r, order[:n]] = True
-  return np.moveaxis(keep.reshape(moved.shape), -1, -2)
 
 
 def _tied(rng, shape):
