@@ -135,26 +135,11 @@ def _array_batches(run, images: np.ndarray, labels: np.ndarray) -> Iterator[dict
         "weight": real.astype(np.float32)})
 
 
-def _accumulate(totals, sums):
-  import jax  # pylint: disable=g-import-not-at-top
-  return sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-
-
-def _rates(totals) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
-          "num_examples": int(round(float(totals["count"])))}
-
-
 def evaluate_arrays(run, params, batch_stats, images, labels) -> dict:
   """Accuracy and loss of (params, batch_stats) on in-memory images, labels (padding weighted
   out): the sums of `run.eval_step`, as `trainer.evaluate` does for a split."""
-  totals = None
-  for batch in _array_batches(run, images, labels):
-    totals = _accumulate(totals, run.eval_step(params, batch_stats, batch))
-  return _rates(totals)
+  from safe_dist import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.evaluate_batches(run, params, batch_stats, _array_batches(run, images, labels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +150,7 @@ def final_network(run, state) -> tuple:
   from safe_dist import trainer  # pylint: disable=g-import-not-at-top
   from safe_dist.sparsity import weight_sparsity  # pylint: disable=g-import-not-at-top
   exp, sp = run.exp, run.exp.sparsifier
-  params = state.params if sp.name == "none" else run.project(state.params, None)
-  batch_stats = trainer.recalibrate_batch_stats(run, params, state.batch_stats)
+  params, batch_stats = trainer.final_network(run, state)
   recalibrated = bool(state.batch_stats) and exp.train.bnt_sample_size > 0
   return params, batch_stats, {
       "network": ("trained weights" if sp.name == "none" else
@@ -291,7 +275,7 @@ def adversarial_eval(run, params, batch_stats, norm: str, steps: int, bound: flo
                      max_examples: Optional[int] = None, seed: int = 0) -> dict:
   """Clean and PGD-robust accuracy of (params, batch_stats) on the test set."""
   import jax  # pylint: disable=g-import-not-at-top
-  from safe_dist import attacks, sharding  # pylint: disable=g-import-not-at-top
+  from safe_dist import attacks, sharding, trainer  # pylint: disable=g-import-not-at-top
   batch_spec, replicated = sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh)
   attack = jax.jit(attacks.make_pgd_attack(run.model, norm, steps, bound, lr),
                    in_shardings=(run.param_shardings, replicated, batch_spec, replicated),
@@ -300,11 +284,11 @@ def adversarial_eval(run, params, batch_stats, norm: str, steps: int, bound: flo
   key = jax.random.PRNGKey(seed)
   clean = robust = None
   for i, batch in enumerate(_array_batches(run, images, labels)):
-    clean = _accumulate(clean, run.eval_step(params, batch_stats, batch))
+    clean = trainer.add_sums(clean, run.eval_step(params, batch_stats, batch))
     adversarial = attack(params, batch_stats, batch, jax.random.fold_in(key, i))
-    robust = _accumulate(robust, run.eval_step(params, batch_stats,
-                                               {**batch, "image": adversarial}))
-  clean, robust = _rates(clean), _rates(robust)
+    robust = trainer.add_sums(robust, run.eval_step(params, batch_stats,
+                                                    {**batch, "image": adversarial}))
+  clean, robust = trainer.rates(clean), trainer.rates(robust)
   return {"attack": {"method": "PGD", "norm": norm, "steps": steps, "bound": bound, "lr": lr,
                      "seed": seed},
           "num_examples": clean["num_examples"],

@@ -217,21 +217,46 @@ def setup(exp: Experiment, devices=None) -> Run:
              train_step, eval_step, project, sharpness, projection)
 
 
+def add_sums(totals: Optional[dict], sums: dict) -> dict:
+  """Running total of `eval_step` outputs (None to start)."""
+  return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+
+
+def rates(totals: dict) -> dict:
+  """Accuracy and mean loss from summed `eval_step` outputs (padding has weight 0)."""
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
+          "num_examples": int(round(float(totals["count"])))}
+
+
+def evaluate_batches(run: Run, params, batch_stats, batches) -> dict:
+  """Accuracy and loss over global batches {"image", "label", "weight"}."""
+  totals = None
+  for batch in batches:
+    totals = add_sums(totals, run.eval_step(params, batch_stats, batch))
+  return rates(totals)
+
+
 def evaluate(run: Run, params, batch_stats, split="test") -> dict:
   """Accuracy and loss over the whole evaluation split (padding weighted out)."""
   exp = run.exp
   dp = sharding.data_parallel_size(run.mesh)
   batch_size = math.ceil(exp.train.eval_batch_size / dp) * dp
-  totals = None
-  for local in data_lib.make_eval_batches(
+  local_batches = data_lib.make_eval_batches(
       exp.data.name, batch_size=batch_size, split=split, data_dir=exp.data.data_dir,
       max_examples=exp.data.max_eval_examples, process_index=jax.process_index(),
-      process_count=jax.process_count()):
-    sums = run.eval_step(params, batch_stats, global_batch(run.mesh, local))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count}
+      process_count=jax.process_count())
+  return evaluate_batches(run, params, batch_stats,
+                          (global_batch(run.mesh, local) for local in local_batches))
+
+
+def final_network(run: Run, state: TrainState) -> tuple[Any, Any]:
+  """(params, batch_stats) of the network a run delivers: Proj_d(x) (x for `none`), with
+  BatchNorm statistics re-calibrated where the model has BN."""
+  params = (state.params if run.exp.sparsifier.name == "none"
+            else run.project(state.params, None))
+  return params, recalibrate_batch_stats(run, params, state.batch_stats)
 
 
 def recalibrate_batch_stats(run: Run, params, batch_stats):
@@ -430,8 +455,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
 def finalize(run: Run, state: TrainState, writer: MetricWriter) -> dict:
   """Hard projection, BN re-calibration, and the final numbers of the summary."""
   exp, sp = run.exp, run.exp.sparsifier
-  params = state.params if sp.name == "none" else run.project(state.params, None)
-  batch_stats = recalibrate_batch_stats(run, params, state.batch_stats)
+  params, batch_stats = final_network(run, state)
   final = evaluate(run, params, batch_stats)
   dense = evaluate(run, state.params, state.batch_stats)
   at_sparsity = {}
