@@ -29,33 +29,34 @@ import os
 import sys
 from typing import Iterator, Optional
 
-from absl import app, flags
+from absl import app
+from absl import flags as absl_flags
 import numpy as np
 
-from safe_dist import cli
+from safe_dist import flags
 from safe_dist import corruptions as corruptions_lib
 
-FLAGS = flags.FLAGS
-_CONFIG = cli.define_flags()
+FLAGS = absl_flags.FLAGS
+_CONFIG = flags.define_flags()
 MODES = ("clean", "corrupt", "adversarial")
 ATTACK_NORMS = ("linf", "l2")  # safe_dist.attacks.NORMS
 DEFAULT_ATTACK_BOUND = {"linf": 1 / 255, "l2": 3 / 255}
 
-flags.DEFINE_string("mode", "clean", f"Evaluation mode ({', '.join(MODES)}).")
-flags.DEFINE_list("corruptions", list(corruptions_lib.CORRUPTIONS),
+absl_flags.DEFINE_string("mode", "clean", f"Evaluation mode ({', '.join(MODES)}).")
+absl_flags.DEFINE_list("corruptions", list(corruptions_lib.CORRUPTIONS),
                   "--mode corrupt: comma-separated corruption names (default: all 19).")
-flags.DEFINE_integer("corrupt_intensity", 3, "--mode corrupt: corruption intensity, 1..5.")
-flags.DEFINE_integer("corrupt_max_examples", 1000,
+absl_flags.DEFINE_integer("corrupt_intensity", 3, "--mode corrupt: corruption intensity, 1..5.")
+absl_flags.DEFINE_integer("corrupt_max_examples", 1000,
                      "--mode corrupt: the first N test examples (generating corruptions is "
                      "slow, ~1 s an image for glass_blur); 0 for all.")
-flags.DEFINE_integer("corrupt_seed", 0, "--mode corrupt: seed of generated corruptions.")
-flags.DEFINE_string("attack_norm", "linf",
+absl_flags.DEFINE_integer("corrupt_seed", 0, "--mode corrupt: seed of generated corruptions.")
+absl_flags.DEFINE_string("attack_norm", "linf",
                     f"--mode adversarial: PGD norm ({', '.join(ATTACK_NORMS)}).")
-flags.DEFINE_integer("attack_steps", 10, "--mode adversarial: PGD steps.")
-flags.DEFINE_float("attack_bound", None, "--mode adversarial: radius of the PGD ball in pixel "
+absl_flags.DEFINE_integer("attack_steps", 10, "--mode adversarial: PGD steps.")
+absl_flags.DEFINE_float("attack_bound", None, "--mode adversarial: radius of the PGD ball in pixel "
                    "units of [0, 1] (default 1/255 for linf, 3/255 for l2).")
-flags.DEFINE_float("attack_lr", None, "--mode adversarial: PGD step size (default bound/4).")
-flags.DEFINE_integer("attack_max_examples", 0,
+absl_flags.DEFINE_float("attack_lr", None, "--mode adversarial: PGD step size (default bound/4).")
+absl_flags.DEFINE_integer("attack_max_examples", 0,
                      "--mode adversarial: the first N test examples; 0 for all.")
 
 
@@ -320,7 +321,7 @@ def main(argv):
   try:
     check_flags()
   except ValueError as e:
-    cli.fail(str(e))
+    flags.fail(str(e))
   from safe_dist import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax  # pylint: disable=g-import-not-at-top
@@ -328,7 +329,7 @@ def main(argv):
   from safe_dist.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   checkpointer = None
   try:
-    experiment = cli.build_experiment(cli.resolved_config(_CONFIG))
+    experiment = flags.build_experiment(flags.resolved_config(_CONFIG))
     if not trainer.check_workdir(experiment, FLAGS.workdir):
       raise ValueError(f"--workdir {FLAGS.workdir} holds no run (no {trainer.EXPERIMENT_FILE})")
     run = trainer.setup(experiment)
@@ -359,7 +360,7 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     if checkpointer is not None:
       checkpointer.close()
-    cli.fail(str(e))
+    flags.fail(str(e))
   if jax.process_index() == 0:
     _write_json(os.path.join(FLAGS.workdir, f"eval_{FLAGS.mode}.json"), results)
     print(f"step {step} of {FLAGS.workdir}")
@@ -371,7 +372,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  app.run(main, argv=cli.with_default_config(sys.argv))
+  app.run(main, argv=flags.with_default_config(sys.argv))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import signal
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, logging
 
-from safe_dist import cli
+from safe_dist import flags
 
 FLAGS = flags.FLAGS
-_CONFIG = cli.define_flags()
+_CONFIG = flags.define_flags()
 
 # Exit status after a checkpoint taken on SIGTERM/SIGUSR1: launch/slurm scripts requeue on it.
 REQUEUE_EXIT_CODE = 85
@@ -67,18 +67,18 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from safe_dist import trainer  # pylint: disable=g-import-not-at-top
   try:
-    cfg = cli.resolved_config(_CONFIG)
-    experiment = cli.build_experiment(cfg)
+    cfg = flags.resolved_config(_CONFIG)
+    experiment = flags.build_experiment(cfg)
   except ValueError as e:
-    cli.fail(str(e))
+    flags.fail(str(e))
   stop = _StopOnSignal()
   start = time.time()
   try:
     summary = trainer.train_and_evaluate(experiment, FLAGS.workdir,
-                                         config_json=cli.config_json(cfg),
+                                         config_json=flags.config_json(cfg),
                                          stop_requested=stop)
   except (ValueError, FileNotFoundError) as e:
-    cli.fail(str(e))
+    flags.fail(str(e))
   if "interrupted_at_step" in summary:
     logging.warning("stopped by signal %s at step %d after a committed checkpoint; exiting "
                     "with %d so that the job is requeued", stop.signal,
@@ -90,7 +90,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  app.run(main, argv=cli.with_default_config(sys.argv))
+  app.run(main, argv=flags.with_default_config(sys.argv))
 
 
 if __name__ == "__main__":

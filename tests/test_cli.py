@@ -7,18 +7,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, run_module
 REFERENCE_COMMAND = ("--model VGG19-bn --dataset cifar10 --num_epochs 300 --sparsifier safe "
                      "--lambda 0.0001 --lambda_schedule cosine --rho 0.1 "
                      "--dual_update_interval 32 --sp .95 --seed 1").split()
-
-
-def _run(module: str, args: list[str], tmp_path, timeout=600,
-         devices: int = 8) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("args,flag,allowed", [
@@ -32,7 +24,7 @@ def _run(module: str, args: list[str], tmp_path, timeout=600,
 ])
 def test_invalid_input_stops_before_any_work(tmp_path, args, flag, allowed):
   workdir = tmp_path / "run"
-  result = _run("safe_dist.train", ["--workdir", str(workdir), *args], tmp_path)
+  result = run_module("safe_dist.train", ["--workdir", str(workdir), *args], tmp_path)
   assert result.returncode != 0
   assert flag in result.stderr and allowed in result.stderr, result.stderr[-2000:]
   assert not workdir.exists()
@@ -42,7 +34,7 @@ def test_invalid_input_stops_before_any_work(tmp_path, args, flag, allowed):
 def test_debug_cli_run_then_eval(tmp_path):
   workdir = str(tmp_path / "run")
   args = ["--config", "config:debug", "--workdir", workdir, "--eval_sparsities", "0.5,0.9"]
-  result = _run("safe_dist.train", args, tmp_path)
+  result = run_module("safe_dist.train", args, tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "weight sparsity" in result.stdout and "tensorboard --logdir" in result.stdout
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -51,7 +43,7 @@ def test_debug_cli_run_then_eval(tmp_path):
   with open(os.path.join(workdir, "config.json")) as f:
     assert "LeNet300-100" in f.read()
 
-  result = _run("safe_dist.eval", args, tmp_path)
+  result = run_module("safe_dist.eval", args, tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval_clean.json")) as f:
     report = json.load(f)
@@ -62,7 +54,7 @@ def test_debug_cli_run_then_eval(tmp_path):
 
 
 def test_eval_without_a_run_says_so(tmp_path):
-  result = _run("safe_dist.eval", ["--config", "config:debug", "--workdir", str(tmp_path / "none")],
+  result = run_module("safe_dist.eval", ["--config", "config:debug", "--workdir", str(tmp_path / "none")],
                 tmp_path)
   assert result.returncode != 0
   assert "holds no run" in result.stderr
@@ -71,9 +63,9 @@ def test_eval_without_a_run_says_so(tmp_path):
 def test_reference_flags_map_onto_the_config(tmp_path):
   """The seed README's command, parsed: every flag lands on its config field."""
   code = (
-      "import sys; from absl import flags; from safe_dist import cli;"
-      "c = cli.define_flags(); argv = cli.with_default_config(sys.argv);"
-      "flags.FLAGS(argv); e = cli.build_experiment(cli.resolved_config(c));"
+      "import sys; from absl import flags; from safe_dist import flags as run_flags;"
+      "c = run_flags.define_flags(); argv = run_flags.with_default_config(sys.argv);"
+      "flags.FLAGS(argv); e = run_flags.build_experiment(run_flags.resolved_config(c));"
       "print(e.model.name, e.data.name, e.train.num_epochs, e.sparsifier.name, e.sparsifier.lam,"
       " e.sparsifier.lambda_schedule, e.sparsifier.rho, e.sparsifier.dual_update_interval,"
       " e.sparsifier.sparsity, e.train.seed, e.train.batch_size, e.optimizer.lr)")
@@ -85,13 +77,16 @@ def test_reference_flags_map_onto_the_config(tmp_path):
                                    "0.1", "32", "0.95", "1", "128", "0.1"]
 
 
-def test_config_names_match_the_configs_module():
-  import inspect
+def test_every_config_builds_and_every_fiddler_applies():
   import configs
-  from safe_dist import cli
-  public = {n for n, f in vars(configs).items() if inspect.isfunction(f) and not n.startswith("_")
-            and f.__module__ == configs.__name__}
-  assert public == set(cli.CONFIG_NAMES) | set(cli.FIDDLER_NAMES)
+  import fiddle as fdl
+  from safe_dist import flags as run_flags
+  assert {"reference", "debug", "fashion_mnist_lenet"} <= set(run_flags.CONFIG_NAMES)
+  assert {"debug_mode", "layerwise", "admm"} <= set(run_flags.FIDDLER_NAMES)
+  for name in run_flags.CONFIG_NAMES:
+    fdl.build(getattr(configs, name)())
+  for name in run_flags.FIDDLER_NAMES:
+    fdl.build(getattr(configs, name)(configs.reference()))
 
 
 @pytest.mark.slow
@@ -101,7 +96,7 @@ def test_reference_command_runs_as_written_on_cifar10(tmp_path):
   from fake_datasets import write_cifar
   data_dir = tmp_path / "cifar"
   write_cifar(str(data_dir / "cifar-10-batches-py"), "cifar10", {"train": 52, "test": 40})
-  result = _run("safe_dist.train",
+  result = run_module("safe_dist.train",
                 ["--workdir=./logdir", *REFERENCE_COMMAND, "--data_dir", str(data_dir),
                  "--config", "set:train.max_steps=2", "--bnt_sample_size", "128",
                  "--sharpness_every", "0"],

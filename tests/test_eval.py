@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import trainer_helpers
-from test_cli import _run
+from helpers import run_module
 
 pytest.importorskip("imagecorruptions")
 
@@ -26,7 +26,7 @@ def workdir(tmp_path_factory):
 
 
 def _eval(workdir, tmp_path, *args):
-  return _run("safe_dist.eval", [*DEBUG, "--workdir", workdir, *args], tmp_path)
+  return run_module("safe_dist.eval", [*DEBUG, "--workdir", workdir, *args], tmp_path)
 
 
 def _report(workdir, mode):

@@ -9,8 +9,8 @@ import pytest
 
 from safe_dist import trainer
 from safe_dist.checkpointing import Checkpointer
-from safe_dist.sparsity import prunable_leaves, projection, weight_sparsity
-from test_projection import _collectives
+from safe_dist.sparsity import prunable_leaves, topk, weight_sparsity
+from helpers import collectives
 from trainer_helpers import debug_experiment, read_scalars, read_tags, replace
 
 REQUIRED_TAGS = ("train/loss", "train/accuracy", "val/accuracy", "val/masked_accuracy",
@@ -106,8 +106,8 @@ def test_projection_in_the_trainer_gathers_no_weights():
                 in_shardings=(run.param_shardings,), out_shardings=run.param_shardings).lower(
                     run.abstract_state.params).compile().as_text()
   # Per-round counts and the fixed-size key sample only; the kernels hold 266k weights.
-  ops = _collectives(hlo)
-  bound = 8 * (projection._SAMPLE + 3)
+  ops = collectives(hlo)
+  bound = 8 * (topk._SAMPLE + 3)
   assert ops and all(op in ("all-gather", "all-reduce") and size <= bound for op, size in ops)
   assert sum(x.size for x in prunable_leaves(run.abstract_state.params)) > 50 * bound
 

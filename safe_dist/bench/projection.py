@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from safe_dist.sparsity.projection import prune_mask
+from safe_dist.sparsity.topk import prune_mask
 
 
 def _time(fn, repeats):

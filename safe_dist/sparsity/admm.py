@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from safe_dist.sparsity import importance as importance_lib
-from safe_dist.sparsity.masking import Projection
+from safe_dist.sparsity.projection import Projection
 
 
 class ADMMState(NamedTuple):

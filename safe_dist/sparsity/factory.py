@@ -5,12 +5,12 @@ from typing import Any, Optional
 
 import optax
 
-from safe_dist.sparsity import pruning
+from safe_dist.sparsity import baselines
 from safe_dist.sparsity import schedules
 from safe_dist.sparsity.admm import admm
 from safe_dist.sparsity.importance import IMPORTANCE_SOURCES
 from safe_dist.sparsity.sam import sam_gradient
-from safe_dist.sparsity.masking import Projection, prunable_tree
+from safe_dist.sparsity.projection import Projection, prunable_tree
 
 SPARSIFIERS = ("safe", "safe_plus", "admm", "gmp", "iht", "magnitude", "none")
 
@@ -106,9 +106,9 @@ def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
   end = int(cfg.end_fraction * total_steps)
   sparsity_fn = schedules.sparsity_schedule(projection.sparsity, cfg.sp_schedule, begin, end)
   if cfg.name == "iht":
-    sparsifier = pruning.iht(projection, sparsity_fn)
+    sparsifier = baselines.iht(projection, sparsity_fn)
   elif cfg.name == "gmp":
-    sparsifier = pruning.gmp(projection, sparsity_fn, cfg.prune_interval, end)
+    sparsifier = baselines.gmp(projection, sparsity_fn, cfg.prune_interval, end)
   else:
-    sparsifier = pruning.one_shot_magnitude(projection, int(cfg.prune_fraction * total_steps))
+    sparsifier = baselines.one_shot_magnitude(projection, int(cfg.prune_fraction * total_steps))
   return optax.chain(base, optax.masked(sparsifier, prunable_tree))

@@ -5,6 +5,7 @@ of the fiddle config. Precedence: `--config config:NAME`, then `--config fiddler
 directives in order, then every reference flag given explicitly, then `--debug`.
 """
 
+import inspect
 import sys
 from typing import Any, Callable, Optional
 
@@ -17,6 +18,7 @@ import configs
 from safe_dist.experiment import Experiment
 
 DEFAULT_CONFIG = "reference"
+FLAGS = flags.FLAGS
 
 
 def _parse_nm(text: str) -> tuple[int, int]:
@@ -125,9 +127,17 @@ def define_flags() -> Any:
   return config_flag
 
 
-CONFIG_NAMES = ("reference", "cifar10_vgg19", "cifar10_resnet20", "cifar100_resnet32",
-                "cifar100_vgg19", "fashion_mnist_lenet", "debug")
-FIDDLER_NAMES = ("debug_mode", "layerwise", "admm")
+def _public_functions(num_params: int) -> tuple[str, ...]:
+  """Names of the functions defined in `configs` taking `num_params` arguments."""
+  return tuple(name for name, fn in vars(configs).items()
+               if inspect.isfunction(fn) and not name.startswith("_")
+               and fn.__module__ == configs.__name__
+               and len(inspect.signature(fn).parameters) == num_params)
+
+
+# Base configs take no argument; fiddlers take the config they edit.
+CONFIG_NAMES = _public_functions(0)
+FIDDLER_NAMES = _public_functions(1)
 
 
 def _config_values(argv: list[str]) -> list[str]:

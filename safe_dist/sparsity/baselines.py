@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from safe_dist.sparsity.masking import Projection
+from safe_dist.sparsity.projection import Projection
 
 
 class MaskState(NamedTuple):

@@ -1,7 +1,5 @@
 """prune_mask against a float64 numpy reference: exact counts, tie order, sharded, HLO."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +7,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from safe_dist.sparsity import projection
+from safe_dist.sparsity import topk
+from helpers import collectives
 from numpy_reference import keep_mask_global as _ref_global
 from numpy_reference import keep_mask_nm as _ref_nm
-from safe_dist.sparsity.projection import prune_mask
+from safe_dist.sparsity.topk import prune_mask
 
 SPARSITIES = (0.0, 0.03, 0.5, 0.999)
 
@@ -141,18 +140,6 @@ def test_sharded_8_mesh_large():
     _check(fn(xs, jnp.float32(s)), _ref_global(arrays, _k_traced(s, n)))
 
 
-def _collectives(hlo):
-  """(op, number of elements of its result) for every collective in an HLO text."""
-  out = []
-  for line in hlo.splitlines():
-    m = re.search(r"= \(?([a-z0-9]+)\[([0-9,]*)\][^ ]* (all-gather|all-to-all|all-reduce|"
-                  r"collective-permute|reduce-scatter)\(", line)
-    if m:
-      dims = [int(d) for d in m.group(2).split(",") if d]
-      out.append((m.group(3), int(np.prod(dims)) if dims else 1))
-  return out
-
-
 def test_sharded_few_ties_and_hard_distributions():
   """Tie splits via per-device min/max (<= 2 tied entries per device) and via the position
   search (more on one device); distributions that defeat the sample or the interpolation."""
@@ -179,7 +166,7 @@ def test_sharded_few_ties_and_hard_distributions():
       _check([fn(x, jnp.float32(s))], _ref_global([a], _k_traced(s, n)))
 
 
-def _compiled_collectives(scale):
+def _compiledcollectives(scale):
   mesh = _mesh((4, 2), ("a", "b"))
   shapes_specs = [((16 * scale, 6), P("a", "b")), ((6, 12 * scale), P("b", "a")), ((7,), P())]
   rng = np.random.default_rng(9)
@@ -187,15 +174,15 @@ def _compiled_collectives(scale):
   xs = [jax.device_put(_tied(rng, s), sh) for (s, _), sh in zip(shapes_specs, shardings)]
   hlo = jax.jit(lambda x, s: prune_mask(x, s, shardings=shardings)).lower(
       xs, jnp.float32(0.5)).compile().as_text()
-  return _collectives(hlo)
+  return collectives(hlo)
 
 
 def test_hlo_collectives_do_not_grow_with_size():
   """Shard_map path: only small all-gathers / all-reduces (per-round stats, the fixed-size key
   sample), the same for leaves 8x larger: the weights are never gathered."""
-  small, large = _compiled_collectives(64), _compiled_collectives(512)
+  small, large = _compiledcollectives(64), _compiledcollectives(512)
   assert small and sorted(small) == sorted(large), (small, large)
-  bound = 8 * (projection._SAMPLE + 3)
+  bound = 8 * (topk._SAMPLE + 3)
   assert all(op in ("all-gather", "all-reduce") and size <= bound for op, size in large), large
 
 
@@ -203,11 +190,11 @@ def test_hlo_no_gather_of_weights():
   arrays, xs, shardings = _sharded_case(7)
   hlo = jax.jit(lambda x, s: prune_mask(x, s, shardings=shardings)).lower(
       xs, jnp.float32(0.5)).compile().as_text()
-  ops = _collectives(hlo)
+  ops = collectives(hlo)
   # per-round stats ([devices, groups, _B + 2]) and the key sample (8 x ~_SAMPLE): no leaf data
-  bound = 8 * (projection._SAMPLE + len(arrays))
+  bound = 8 * (topk._SAMPLE + len(arrays))
   assert ops and all(op in ("all-gather", "all-reduce") and size <= bound for op, size in ops), ops
   # GSPMD fallback (no shardings given): only tiny partial-sum gathers, nothing of leaf size
   hlo = jax.jit(lambda x: prune_mask(x, 0.5)).lower(xs).compile().as_text()
-  ops = _collectives(hlo)
+  ops = collectives(hlo)
   assert all(op != "all-to-all" and size <= 16 for op, size in ops), ops
