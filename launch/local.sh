@@ -18,7 +18,14 @@ fi
 num_processes="$1"
 shift
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-python="${SAFE_PYTHON:-$repo/.venv/bin/python}"
+# The interpreter: $SAFE_PYTHON, else the repository's .venv, else the python3 on PATH (the
+# package installed with conda, in a venv elsewhere, through modules).
+python="${SAFE_PYTHON:-}"
+if [[ -z "$python" && -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; fi
+if [[ -z "$python" ]] && ! python="$(command -v python3)"; then
+  echo "local.sh: no $repo/.venv and no python3 on PATH; set SAFE_PYTHON" >&2
+  exit 2
+fi
 
 # The log directory follows --workdir (either spelling) unless LOG_DIR is set.
 workdir="./logdir"  # safe_dist.train's default --workdir
@@ -57,7 +64,8 @@ for ((i = 0; i < num_processes; i++)); do
       >"$log_dir/process_$i.log" 2>&1 &
   pids+=("$!")
 done
-echo "local.sh: $num_processes processes (${pids[*]}), coordinator $coordinator, logs in $log_dir" >&2
+echo "local.sh: $num_processes processes (${pids[*]}) of $python, coordinator $coordinator," \
+     "logs in $log_dir" >&2
 
 # Wait for each process; `wait` returns early when a trapped signal arrives, so wait again
 # while the process is still alive.

@@ -8,6 +8,8 @@ import glob
 import json
 import os
 import re
+import shutil
+import sys
 import time
 
 import pytest
@@ -22,8 +24,10 @@ FAKE_TRAINER = os.path.join(REPO, "tests", "fake_trainer.sh")
 # Two processes on one node, no GPUs: overrides the script's `#SBATCH` layout.
 TWO_TASKS = ["-N", "1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
              "--time=10"]
-# The job environment: conftest's 8 fake devices must not leak into the jobs.
-CPU_ENV = {"SAFE_CPU_DEVICES_PER_TASK": "4", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+# The job environment: conftest's 8 fake devices must not leak into the jobs; the jobs run
+# this interpreter, wherever the package is installed.
+CPU_ENV = {"SAFE_CPU_DEVICES_PER_TASK": "4", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+           "SAFE_PYTHON": sys.executable}
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +138,29 @@ def test_debug_sbatch_adds_debug_flag(slurm, tmp_path):
   assert out.count("FAKE done") == 1, out
 
 
+def test_without_venv_runs_the_submitters_python3(slurm, tmp_path):
+  """No .venv and no SAFE_PYTHON: the job runs the python3 first on the PATH of the shell
+  that ran sbatch (a conda env, a venv elsewhere), as sbatch exports that environment."""
+  repo = tmp_path / "repo"  # A repository copy without .venv.
+  shutil.copytree(os.path.join(REPO, "launch"), repo / "launch")
+  python3 = tmp_path / "bin" / "python3"
+  python3.parent.mkdir()
+  python3.write_text('#!/bin/bash\necho "FAKE $0 procid=$SLURM_PROCID args=$*"\n')
+  python3.chmod(0o755)
+  os.makedirs(tmp_path / "logs")
+  job = slurm.sbatch(str(repo / "launch" / "slurm" / "train.sbatch"), ["--workdir", "w"],
+                     env={**CPU_ENV, "SAFE_PYTHON": "", "SAFE_REPO": "",
+                          "PATH": f"{python3.parent}:{os.environ['PATH']}"},
+                     sbatch_args=[f"--chdir={tmp_path}", *TWO_TASKS], cwd=str(repo))
+  log = tmp_path / "logs" / f"safe-train-{job}.out"
+  assert _wait_done(slurm, job, log, 60) == "COMPLETED", _read(log)
+  out = _read(log)
+  assert f"2 processes of {python3}," in out, out
+  started = re.findall(rf"FAKE {re.escape(str(python3))} procid=(\d) "
+                       r"args=-m safe_dist\.train --workdir w", out)
+  assert sorted(started) == ["0", "1"], out
+
+
 def test_train_two_processes(slurm, tmp_path):
   workdir = tmp_path / "run"
   job, log = _submit(slurm, tmp_path, ["--config", "config:debug", "--workdir", str(workdir)])
@@ -160,7 +187,7 @@ def _committed_steps(workdir) -> list[int]:
 
 def test_preempt_checkpoint_requeue_resume(slurm, tmp_path):
   workdir = tmp_path / "run"
-  total = 100  # Signals are acted on every 10 steps (trainer.STOP_CHECK_EVERY_STEPS).
+  total = 100  # Signals are acted on every 10 steps (distributed.StopCheck, every 10 checks).
   job, log = _submit(slurm, tmp_path, [
       "--config", "config:debug", "--config", f"set:train.max_steps={total}",
       "--config", "set:train.eval_every_epochs=100", "--workdir", str(workdir)])
