@@ -20,9 +20,8 @@ def reference() -> fdl.Config[Experiment]:
       data=fdl.Config(DataConfig, name="cifar10"),
       optimizer=fdl.Config(OptimizerConfig, name="sgd", lr=0.1, lr_schedule="cosine",
                            warmup_epochs=5, weight_decay=1e-4, momentum=0.9),
-      sparsifier=fdl.Config(SparsifierConfig, name="safe", sparsity=0.95, scope="global",
-                            lam=1e-4, lambda_schedule="cosine", dual_update_interval=32,
-                            rho=0.1, sp_schedule="cubic"),
+      sparsifier=fdl.Config(SparsifierConfig, name="safe", sparsity=0.95,
+                            lam=1e-4, dual_update_interval=32, rho=0.1, sp_schedule="cubic"),
       mesh=fdl.Config(MeshConfig),
       train=fdl.Config(TrainConfig, num_epochs=200, batch_size=128, seed=1,
                        bnt_sample_size=10000),
@@ -85,6 +84,8 @@ def debug() -> fdl.Config[Experiment]:
   cfg.train.sharpness_batch_size = 64
   cfg.train.sharpness_iters = 5
   cfg.train.sharpness_samples = 2
+  # Tiny runs: the Hessian probes may take as long as the training (they are the point).
+  cfg.train.monitoring_share = 1.0
   cfg.sparsifier.dual_update_interval = 4
   return cfg
 
@@ -116,7 +117,8 @@ def layerwise(cfg: fdl.Config[Experiment]) -> fdl.Config[Experiment]:
 
 
 def admm(cfg: fdl.Config[Experiment]) -> fdl.Config[Experiment]:
-  """The ADMM baseline: SAFE without SAM."""
+  """The ADMM baseline: SAFE without SAM. Its lambda is constant (the method's default, as in the
+  official code) unless a lambda schedule is given explicitly."""
   cfg.sparsifier.name = "admm"
   cfg.sparsifier.rho = 0.0
   return cfg

@@ -5,25 +5,25 @@ it is jitted once with the batch sharded on the data axis. Images are floats in 
 (models normalise internally); the ball is taken around the clean image per example.
 """
 
+import math
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 NORMS = ("linf", "l2")
 
 
-def _validate(norm: str, steps: int, bound: float, lr: float) -> None:
+def validate(norm: str, steps: int, bound: float, lr: float) -> None:
+  """ValueError naming the flag of the first bad attack setting."""
   if norm not in NORMS:
-    raise ValueError(f"--attack_norm must be one of {NORMS}, got {norm!r}")
+    raise ValueError(f"--attack_norm must be one of {', '.join(NORMS)}; got {norm!r}")
   if int(steps) != steps or steps < 1:
     raise ValueError(f"--attack_steps must be an integer >= 1, got {steps}")
-  if not bound > 0:
-    raise ValueError(f"--attack_bound must be > 0, got {bound}")
-  if not lr > 0:
-    raise ValueError(f"--attack_lr must be > 0, got {lr}")
+  if not (math.isfinite(bound) and bound > 0):
+    raise ValueError(f"--attack_bound must be a number > 0, got {bound}")
+  if not (math.isfinite(lr) and lr > 0):
+    raise ValueError(f"--attack_lr must be a number > 0, got {lr}")
 
 
 def _per_example_l2(x):
@@ -57,34 +57,27 @@ def _random_start(key, clean, norm: str, bound: float):
   return direction * bound * radius ** (1.0 / dim)
 
 
-def make_pgd_attack(model: nn.Module, norm: str, steps: int, bound: float, lr: float,
+def make_pgd_attack(loss_fn: Callable, norm: str, steps: int, bound: float, lr: float,
                     pixel_range=(0.0, 1.0)) -> Callable:
   """attack(params, batch_stats, batch, key) -> adversarial batch["image"] (float32).
 
-  Random start inside the ball, then `steps` ascent steps on the cross-entropy of
-  batch["label"] (eval-mode model): lr * sign(grad) for linf, lr * grad / ||grad||_2 per
-  example for l2, each followed by projection. `batch_stats` may be `{}`.
-  pixel_range=None disables the pixel clip.
+  loss_fn(params, batch_stats, batch): the eval-mode loss summed over the batch
+  (`tasks.make_eval_loss(model, task, reduce="sum")`), so that an example's gradient does not
+  shrink with the batch size. Random start inside the ball, then `steps` ascent steps on it:
+  lr * sign(grad) for linf, lr * grad / ||grad||_2 per example for l2, each followed by
+  projection. pixel_range=None disables the pixel clip.
   """
-  _validate(norm, steps, bound, lr)
+  validate(norm, steps, bound, lr)
   steps = int(steps)
-
-  def loss_fn(images, params, batch_stats, labels):
-    variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {
-        "params": params}
-    logits = model.apply(variables, images, train=False)
-    # A sum, so each example's gradient does not shrink with the batch size.
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels))
-
-  grad_fn = jax.grad(loss_fn)
+  grad_fn = jax.grad(lambda images, params, batch_stats, batch: loss_fn(
+      params, batch_stats, {**batch, "image": images}))
 
   def attack(params, batch_stats, batch, key):
     clean = batch["image"].astype(jnp.float32)
     x = project(clean + _random_start(key, clean, norm, bound), clean, norm, bound, pixel_range)
 
     def body(_, x):
-      g = grad_fn(x, params, batch_stats, batch["label"])
+      g = grad_fn(x, params, batch_stats, batch)
       if norm == "linf":
         step = jnp.sign(g)
       else:

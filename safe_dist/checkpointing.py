@@ -1,9 +1,10 @@
-"""Asynchronous orbax checkpoints (OCDBT over tensorstore) of the train state, the data iterator
-and the experiment's config.
+"""Asynchronous orbax checkpoints (OCDBT over tensorstore) of the train state and the data
+iterator.
 
-A checkpoint of step s is the directory `<directory>/<s>` with three items: `state` (the whole
-TrainState: params, optimizer and sparsifier state, step, RNG), `data` (the grain iterator
-state of every process) and `config` (a JSON dict, absent in older checkpoints). Orbax writes
+A checkpoint of step s is the directory `<directory>/<s>` with two items: `state` (the whole
+TrainState: params, optimizer and sparsifier state, step) and `data` (the grain iterator
+state of every process). The experiment itself is recorded once per workdir
+(`safe_dist.workdir`). Orbax writes
 into `<s>.orbax-checkpoint-tmp-*` and renames on commit, so a run killed mid-save leaves a tmp
 directory that is never listed as a step. A listed step that fails to restore (files deleted
 or truncated) is skipped with a warning and, once an older one restored, moved aside to
@@ -20,7 +21,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint._src.multihost import multihost
 
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data")
 UNREADABLE_SUFFIX = ".unreadable"
 
 
@@ -29,7 +30,7 @@ class CheckpointRestoreError(ValueError):
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of {state, data iterator, config} under `directory`.
+  """Keeps the last `keep` checkpoints of {state, data iterator} under `directory`.
 
   Saves return as soon as the device arrays are copied to host (so the next, donating, train
   step may run); writing goes on in the background. Every process takes part; each writes
@@ -53,15 +54,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator: Any, force: bool = False,
-           config: Optional[dict] = None) -> bool:
-    """Starts saving `state`, the iterator's position and `config` (a JSON-able dict) as
-    `step`. False if orbax skipped it (a step at or after `step` exists and not `force`)."""
-    items = {"state": ocp.args.StandardSave(state),
-             "data": grain.checkpoint.CheckpointSave(data_iterator)}
-    if config is not None:
-      items["config"] = ocp.args.JsonSave(config)
-    saved = self._manager.save(step, force=force, args=ocp.args.Composite(**items))
+  def save(self, step: int, state: Any, data_iterator: Any, force: bool = False) -> bool:
+    """Starts saving `state` and the iterator's position as `step`. False if orbax skipped it
+    (a step at or after `step` exists and not `force`)."""
+    saved = self._manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
     if saved:
       logging.info("checkpoint: saving step %d (asynchronously)", step)
     return saved
@@ -104,15 +101,6 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
-
-  def restore_config(self, step: Optional[int] = None) -> Optional[dict]:
-    """The config dict saved with `step` (default: the latest); None if it has none."""
-    step = self.latest_step() if step is None else step
-    if step is None or not (self._directory / str(step) / "config").exists():
-      return None
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames unreadable step directories so that orbax neither lists nor overwrites them

@@ -38,7 +38,7 @@ class CorruptedSet(NamedTuple):
 
 def validate(corruption: str, intensity: int) -> None:
   if corruption not in CORRUPTIONS:
-    raise ValueError(f"--corruption must be one of {', '.join(CORRUPTIONS)}; got {corruption!r}")
+    raise ValueError(f"--corruptions: unknown {corruption!r}; allowed: {', '.join(CORRUPTIONS)}")
   if isinstance(intensity, bool) or int(intensity) != intensity or not 1 <= intensity <= 5:
     raise ValueError(f"--corrupt_intensity must be an integer in 1..5, got {intensity!r}")
 

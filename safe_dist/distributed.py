@@ -16,9 +16,12 @@ numbered `$SLURM_LOCALID`, which with one process per node (our choice, see
 import os
 import re
 import socket
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 COORDINATOR_ENV = "SAFE_COORDINATOR_ADDRESS"
 
@@ -99,7 +102,6 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     _log_devices("single process")
     return
 
-  import jax  # pylint: disable=g-import-not-at-top
   # Cross-process collectives of the CPU backend (CPU test clusters, fake devices); the CPU
   # client exists on GPU hosts too, so this is harmless there.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -114,7 +116,6 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 
 
 def _log_devices(how: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   logging.info("process_index %d process_count %d (%s): %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(), how, jax.local_device_count(),
                jax.device_count(), jax.local_devices()[0].device_kind)
@@ -122,7 +123,6 @@ def _log_devices(how: str) -> None:
 
 def is_main_process() -> bool:
   """True on process 0 (the one that writes summaries and prints)."""
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
 
 
@@ -131,10 +131,36 @@ def any_process(flag: bool) -> bool:
 
   A collective: every process must call it at the same point (say every N steps).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return bool(flag)
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   flags = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
   return bool(np.asarray(flags).any())
+
+
+def from_first_process(values: np.ndarray) -> np.ndarray:
+  """Process 0's `values` on every process (a collective; identity with one process)."""
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.broadcast_one_to_all(values))
+
+
+class Interrupted(Exception):
+  """A stop was requested in the middle of a long phase (evaluation, sharpness, ...)."""
+
+
+class StopCheck:
+  """`stop_requested()` made collective: True on every process once any process saw a stop.
+
+  With one process it asks at every call. With several, every `every`-th call is a tiny
+  all-gather (`any_process`); the other calls answer False. Every process must call it the
+  same number of times (once per step, per evaluation batch, ...), so all stop together.
+  """
+
+  def __init__(self, stop_requested: Callable[[], bool], every: int = 10):
+    self.stop_requested, self.every, self.calls = stop_requested, every, 0
+
+  def __call__(self) -> bool:
+    if jax.process_count() == 1:
+      return bool(self.stop_requested())
+    self.calls += 1
+    return self.calls % self.every == 0 and any_process(self.stop_requested())

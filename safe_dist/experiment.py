@@ -5,6 +5,9 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from safe_dist import data
+from safe_dist import models
+from safe_dist import tasks
 from safe_dist.optim import OptimizerConfig
 from safe_dist.sharding import MeshConfig
 from safe_dist.sparsity import SparsifierConfig
@@ -16,18 +19,15 @@ class ModelConfig:
   name: str = "ResNet20"
 
   def __post_init__(self):
-    from safe_dist import models  # pylint: disable=g-import-not-at-top
     if self.name not in models.MODEL_NAMES:
       raise ValueError(f"--model must be one of {models.MODEL_NAMES}, got {self.name!r}")
 
   def build(self, num_classes: int, mean, std, half_precision: bool):
-    from safe_dist import models  # pylint: disable=g-import-not-at-top
     return models.create_model(self.name, num_classes, mean=mean, std=std,
                                dtype=jnp.bfloat16 if half_precision else jnp.float32)
 
   @property
   def has_batch_norm(self) -> bool:
-    from safe_dist import models  # pylint: disable=g-import-not-at-top
     return models.has_batch_norm(self.name)
 
 
@@ -42,7 +42,6 @@ class DataConfig:
   max_eval_examples: Optional[int] = None
 
   def __post_init__(self):
-    from safe_dist import data  # pylint: disable=g-import-not-at-top
     if self.name not in data.DATASET_NAMES:
       raise ValueError(f"--dataset must be one of {data.DATASET_NAMES}, got {self.name!r}")
     if not 0.0 <= self.label_noise_ratio < 1.0:
@@ -66,11 +65,13 @@ class TrainConfig:
   keep_checkpoints: int = 3
   check_nans: bool = False
   # Hessian top eigenvalue and trace on a fixed held-out batch every `sharpness_every_epochs`
-  # (0: never), for x and for Proj(x).
+  # (0: never), for x and for Proj(x): at most `sharpness_iters` power iterations and
+  # `sharpness_samples` Hutchinson samples, cut to fit `monitoring_share` of the training time.
   sharpness_every_epochs: float = 10.0
   sharpness_batch_size: int = 256
   sharpness_iters: int = 20
   sharpness_samples: int = 10
+  monitoring_share: float = 0.05
 
   def __post_init__(self):
     if self.num_epochs <= 0:
@@ -83,13 +84,19 @@ class TrainConfig:
       raise ValueError(f"--checkpoint_every_epoch must be >= 1, got {self.checkpoint_every_epoch}")
     if self.sharpness_every_epochs < 0:
       raise ValueError(f"--sharpness_every must be >= 0 epochs, got {self.sharpness_every_epochs}")
+    if not 0.0 < self.monitoring_share <= 1.0:
+      raise ValueError(f"train.monitoring_share must be in (0, 1], got {self.monitoring_share}")
     if self.max_steps is not None and self.max_steps < 1:
       raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  """Everything a run needs; equal experiments give bit-identical runs."""
+  """Everything a run needs; equal experiments give bit-identical runs.
+
+  task: a name of `safe_dist.tasks.TASKS` (what the model is trained to do).
+  """
+  task: str = "classification"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
@@ -99,6 +106,7 @@ class Experiment:
   eval_sparsities: tuple[float, ...] = ()
 
   def __post_init__(self):
+    tasks.get_task(self.task)
     for s in self.eval_sparsities:
       if not 0.0 <= s < 1.0:
         raise ValueError(f"--eval_sparsities must lie in [0, 1), got {s}")

@@ -5,14 +5,15 @@ of the fiddle config. Precedence: `--config config:NAME`, then `--config fiddler
 directives in order, then every reference flag given explicitly, then `--debug`.
 """
 
+import dataclasses
 import inspect
+import signal
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import fiddle as fdl
 from absl import flags
 from fiddle import absl_flags as fdl_flags
-from fiddle.experimental import serialization
 
 import configs
 from safe_dist.experiment import Experiment
@@ -105,11 +106,13 @@ def define_flags() -> Any:
   flags.DEFINE_float("momentum", 0.9, "Momentum.")
   flags.DEFINE_string("sparsifier", "safe", "Sparsifier (safe, safe_plus, admm, gmp, iht, magnitude, none).")
   flags.DEFINE_float("sp", 0.95, "Target sparsity in [0, 1).")
-  flags.DEFINE_string("sp_scope", "global", "Sparsity scope (global, layerwise, nm).")
+  flags.DEFINE_string("sp_scope", "global", "Sparsity scope (global, layerwise, nm); when not "
+                      "given: nm with --nm, else global.")
   flags.DEFINE_string("nm", None, "N:M pattern for --sp_scope nm, e.g. 2:4.")
   flags.DEFINE_integer("bnt_sample_size", 10000, "Samples for BatchNorm re-calibration.")
   flags.DEFINE_float("lambda", 0.0001, "Penalty lambda of SAFE and ADMM.")
-  flags.DEFINE_string("lambda_schedule", "cosine", "Lambda schedule (constant, linear, cosine).")
+  flags.DEFINE_string("lambda_schedule", "cosine", "Lambda schedule (constant, linear, cosine); "
+                      "when not given: constant for admm, cosine for safe and safe_plus.")
   flags.DEFINE_integer("dual_update_interval", 32, "Steps K between updates of z and u.")
   flags.DEFINE_string("sp_schedule", "cubic", "Gradual sparsity schedule of GMP and IHT "
                       "(constant, linear, cosine, cubic).")
@@ -150,20 +153,24 @@ def _config_values(argv: list[str]) -> list[str]:
   return values
 
 
-def with_default_config(argv: list[str]) -> list[str]:
-  """Prepends `--config config:reference` unless the command line names a base config.
-
-  Unknown `config:` / `fiddler:` names stop here with the list of allowed ones (fiddle's own
-  message for them is about imports).
-  """
-  values = _config_values(argv)
-  for value in values:
+def checked_config_names(argv: list[str]) -> list[str]:
+  """`argv`, after checking its `config:` / `fiddler:` names (fiddle's own message for an
+  unknown one is about imports): an unknown one stops here with the allowed names."""
+  for value in _config_values(argv):
     kind, _, name = value.partition(":")
     name = name.split("(")[0]
     allowed = {"config": CONFIG_NAMES, "fiddler": FIDDLER_NAMES}.get(kind)
     if allowed is not None and name not in allowed:
       fail(f"--config {kind}:{name}: unknown {kind}; allowed: {', '.join(allowed)}")
-  if any(v.startswith(("config:", "config_file:", "config_str:")) for v in values):
+  return argv
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+  """`checked_config_names(argv)` with `--config config:reference` prepended unless the
+  command line names a base config."""
+  checked_config_names(argv)
+  if any(v.startswith(("config:", "config_file:", "config_str:"))
+         for v in _config_values(argv)):
     return argv
   return argv[:1] + [f"--config=config:{DEFAULT_CONFIG}"] + argv[1:]
 
@@ -175,12 +182,47 @@ def _set_path(cfg: fdl.Config, path: str, value: Any) -> None:
   setattr(cfg, leaf, value)
 
 
+def _replace_path(obj: Any, path: str, value: Any) -> Any:
+  """A copy of the frozen dataclass `obj` with the field at `path` (dotted) set to `value`."""
+  name, _, rest = path.partition(".")
+  inner = _replace_path(getattr(obj, name), rest, value) if rest else value
+  return dataclasses.replace(obj, **{name: inner})
+
+
+def _get_path(obj: Any, path: str) -> Any:
+  for name in path.split("."):
+    obj = getattr(obj, name)
+  return obj
+
+
+def given_flags(flag_values=FLAGS) -> dict[str, Any]:
+  """{flag name: parsed value} of the reference flags given on the command line."""
+  return {name: parse(flag_values[name].value) for name, (_, parse) in _FLAG_PATHS.items()
+          if flag_values[name].present}
+
+
+def apply_given_flags(exp: Experiment, overridable, flag_values=FLAGS) -> Experiment:
+  """`exp` (a stored run's experiment) with the given reference flags applied.
+
+  Flags named in `overridable` may change the experiment; any other given flag must agree
+  with it, else ValueError naming the flag, its value and the run's.
+  """
+  for name, value in given_flags(flag_values).items():
+    path = _FLAG_PATHS[name][0]
+    if name in overridable:
+      exp = _replace_path(exp, path, value)
+    elif _get_path(exp, path) != value:
+      raise ValueError(f"--{name} {flag_values[name].value} disagrees with the run in "
+                       f"--workdir ({_get_path(exp, path)!r}); leave it out: the run's own "
+                       "settings are used")
+  return exp
+
+
 def resolved_config(config_flag, flag_values=flags.FLAGS) -> fdl.Config[Experiment]:
   """The fiddle config with the explicitly given reference flags (and --debug) applied."""
   cfg = config_flag.value
-  for name, (path, parse) in _FLAG_PATHS.items():
-    if flag_values[name].present:
-      _set_path(cfg, path, parse(flag_values[name].value))
+  for name, value in given_flags(flag_values).items():
+    _set_path(cfg, _FLAG_PATHS[name][0], value)
   if flag_values.debug:
     cfg = configs.debug_mode(cfg)
   return cfg
@@ -194,8 +236,20 @@ def build_experiment(cfg: fdl.Config[Experiment]) -> Experiment:
     raise ValueError(str(e).split("\n")[0]) from None
 
 
-def config_json(cfg: fdl.Config[Experiment]) -> str:
-  return serialization.dump_json(cfg, indent=2)
+class StopOnSignal:
+  """Turns SIGTERM/SIGUSR1 into a stop request: call it to know whether one came."""
+
+  def __init__(self):
+    self.signal = None
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __call__(self) -> bool:
+    return self.signal is not None
 
 
 def fail(message: str) -> None:

@@ -1,13 +1,14 @@
 """What the trainer watches besides the loss: per-layer sparsity and Hessian sharpness."""
 
-from typing import Any, Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from safe_dist import sharpness as sharpness_lib
-from safe_dist.sparsity import auxiliary_and_dual, find_admm_state, prunable_tree
+from safe_dist import distributed
+from safe_dist.sparsity import prunable_tree
 
 
 def _layer_name(path) -> str:
@@ -20,11 +21,6 @@ def prunable_by_layer(params) -> dict[str, jax.Array]:
   flags = jax.tree.leaves(prunable_tree(params))
   with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   return {_layer_name(path): x for (path, x), f in zip(with_path, flags) if f}
-
-
-def sparse_iterate(params, opt_state, uses_admm: bool):
-  """The sparse variable the method maintains: z for SAFE/ADMM, x itself otherwise."""
-  return auxiliary_and_dual(find_admm_state(opt_state))[0] if uses_admm else params
 
 
 def per_layer_sparsity(tree) -> dict[str, float]:
@@ -41,20 +37,28 @@ def sparsity_table(z_sparsity: dict[str, float], sizes: dict[str, int]) -> str:
   return "\n".join(rows)
 
 
-def make_sharpness(model, param_shardings, stats_shardings, batch_sharding, replicated,
-                   num_iters: int, num_samples: int) -> Callable:
-  """One jitted estimator of the Hessian top eigenvalue and trace, sharded like the params."""
-  fn = sharpness_lib.make_sharpness_fn(model, num_iters=num_iters, num_samples=num_samples)
-  return jax.jit(fn, in_shardings=(param_shardings, stats_shardings, batch_sharding, replicated),
-                 out_shardings=replicated)
+def sharpness_of_iterates(probe: sharpness_lib.HessianProbe, params, projected, batch_stats,
+                          batch, key, *, budget_seconds: Optional[float],
+                          hvp_seconds_estimate: Optional[float] = None,
+                          should_stop: Callable[[], bool]) -> dict[str, float]:
+  """sharpness/hessian_{max_eig,trace} of x and of Proj(x) (suffix `_projected`), within
+  `budget_seconds` together (None: no limit); estimators cut or skipped to fit are absent.
+  `hvp_seconds_estimate` lets a measurement that cannot fit skip before compiling.
 
-
-def sharpness_metrics(estimate: Callable, params, projected, batch_stats, batch, key) -> dict:
-  """sharpness/hessian_{max_eig,trace} of x and of Proj(x) (suffix `_projected`)."""
-  out = dict(estimate(params, batch_stats, batch, key))
-  out.update({f"{k}_projected": v
-              for k, v in estimate(projected, batch_stats, batch, key).items()})
-  return {k: float(v) for k, v in jax.device_get(out).items()}
+  Raises `distributed.Interrupted` when `should_stop()` turns True during a measurement.
+  """
+  out, spent = {}, 0.0
+  for tree, suffix, share in ((params, "", 0.5), (projected, "_projected", 1.0)):
+    budget = None if budget_seconds is None else share * budget_seconds - spent
+    measured = probe.measure(tree, batch_stats, batch, key, budget_seconds=budget,
+                             hvp_seconds_estimate=hvp_seconds_estimate,
+                             should_stop=should_stop, label="x" + suffix)
+    if measured.status == "interrupted":
+      raise distributed.Interrupted("stop requested during the sharpness measurement")
+    out.update({k + suffix: v for k, v in measured.values.items()})
+    # Every process must budget the second measurement alike: process 0's time counts.
+    spent += float(distributed.from_first_process(np.array([measured.seconds]))[0])
+  return out
 
 
 def layer_sizes(params) -> dict[str, int]:

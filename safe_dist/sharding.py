@@ -80,6 +80,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def global_batch(mesh: Mesh, local_batch: dict) -> dict:
+  """A global array sharded over the data axes from this process's rows of the batch."""
+  spec = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(spec, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
 def _fit_spec(spec: P, shape, mesh: Mesh) -> P:
   """Drops mesh axes from dimensions they do not divide evenly."""
   if spec is None:

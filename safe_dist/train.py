@@ -7,35 +7,20 @@
 
 import logging as logging_std
 import os
-import signal
 import sys
 import time
 
 from absl import app, logging
 
+from safe_dist import distributed
 from safe_dist import flags
+from safe_dist import trainer
 
 FLAGS = flags.FLAGS
 _CONFIG = flags.define_flags()
 
 # Exit status after a checkpoint taken on SIGTERM/SIGUSR1: launch/slurm scripts requeue on it.
 REQUEUE_EXIT_CODE = 85
-
-
-class _StopOnSignal:
-  """Turns SIGTERM/SIGUSR1 into a request to checkpoint at the next step boundary."""
-
-  def __init__(self):
-    self.signal = None
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-      signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signum
-
-  def __call__(self) -> bool:
-    return self.signal is not None
 
 
 def _print_table(summary: dict, seconds: float, workdir: str) -> None:
@@ -62,21 +47,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _quiet_libraries()
-  from safe_dist import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  import jax  # pylint: disable=g-import-not-at-top
-  from safe_dist import trainer  # pylint: disable=g-import-not-at-top
   try:
     cfg = flags.resolved_config(_CONFIG)
     experiment = flags.build_experiment(cfg)
   except ValueError as e:
     flags.fail(str(e))
-  stop = _StopOnSignal()
+  stop = flags.StopOnSignal()
   start = time.time()
   try:
-    summary = trainer.train_and_evaluate(experiment, FLAGS.workdir,
-                                         config_json=flags.config_json(cfg),
-                                         stop_requested=stop)
+    summary = trainer.train_and_evaluate(experiment, FLAGS.workdir, stop_requested=stop)
   except (ValueError, FileNotFoundError) as e:
     flags.fail(str(e))
   if "interrupted_at_step" in summary:
@@ -84,7 +64,7 @@ def main(argv):
                     "with %d so that the job is requeued", stop.signal,
                     summary["interrupted_at_step"], REQUEUE_EXIT_CODE)
     sys.exit(REQUEUE_EXIT_CODE)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     _print_table(summary, time.time() - start, FLAGS.workdir)
 
 

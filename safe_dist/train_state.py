@@ -12,4 +12,3 @@ class TrainState:
   params: Any
   batch_stats: Any  # {} for models without BatchNorm
   opt_state: Any
-  rng: jax.Array  # raw uint32 key; per-step randomness is fold_in(rng, step)

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safe_dist import attacks
+from safe_dist import tasks
 
 SHAPE = (2, 2, 3)
 DIM = int(np.prod(SHAPE))
@@ -20,6 +21,10 @@ class _Linear(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     return nn.Dense(self.classes)(x.reshape((x.shape[0], -1)))
+
+
+def _sum_loss(model):
+  return tasks.make_eval_loss(model, tasks.get_task("classification"), reduce="sum")
 
 
 def _ce(logits, labels):
@@ -50,7 +55,7 @@ def _analytic_worst(params, batch, norm, bound):
 @pytest.mark.parametrize("norm,bound,lr,steps", [("linf", 0.1, 0.03, 10), ("l2", 0.2, 0.1, 30)])
 def test_reaches_analytic_optimum(norm, bound, lr, steps):
   model, params, batch = _linear_problem()
-  attack = jax.jit(attacks.make_pgd_attack(model, norm, steps, bound, lr))
+  attack = jax.jit(attacks.make_pgd_attack(_sum_loss(model), norm, steps, bound, lr))
   adv = attack(params, {}, batch, jax.random.key(0))
   loss = lambda x: _ce(model.apply({"params": params}, x), batch["label"])
   best = loss(_analytic_worst(params, batch, norm, bound))
@@ -64,7 +69,7 @@ def test_stays_in_ball_and_pixel_range(norm, bound):
   rng = np.random.default_rng(1)  # clean pixels near the box edges, so clipping is active
   batch["image"] = jnp.asarray(rng.choice([0.0, 0.05, 0.95, 1.0], size=batch["image"].shape),
                                jnp.float32)
-  adv = jax.jit(attacks.make_pgd_attack(model, norm, 5, bound, bound))(
+  adv = jax.jit(attacks.make_pgd_attack(_sum_loss(model), norm, 5, bound, bound))(
       params, {}, batch, jax.random.key(1))
   assert adv.shape == batch["image"].shape and adv.dtype == jnp.float32
   assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
@@ -98,7 +103,7 @@ def test_accuracy_under_attack_not_above_clean():
   clean = accuracy(batch["image"])
   assert clean > 0.9
   for norm, bound in [("linf", 0.02), ("linf", 0.2), ("l2", 0.5)]:
-    adv = jax.jit(attacks.make_pgd_attack(model, norm, 10, bound, bound / 4))(
+    adv = jax.jit(attacks.make_pgd_attack(_sum_loss(model), norm, 10, bound, bound / 4))(
         params, {}, batch, jax.random.key(3))
     assert accuracy(adv) <= clean
   assert accuracy(adv) < clean - 0.3  # a large l2 ball flips many predictions
@@ -106,7 +111,7 @@ def test_accuracy_under_attack_not_above_clean():
 
 def test_sharded_batch_equals_unsharded():
   model, params, batch = _linear_problem(n=16)
-  attack = attacks.make_pgd_attack(model, "l2", 5, 0.3, 0.1)
+  attack = attacks.make_pgd_attack(_sum_loss(model), "l2", 5, 0.3, 0.1)
   key = jax.random.key(4)
   expected = jax.jit(attack)(params, {}, batch, key)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -130,4 +135,4 @@ def test_sharded_batch_equals_unsharded():
 def test_invalid_arguments(kwargs, flag):
   args = {"norm": "linf", "steps": 3, "bound": 0.1, "lr": 0.01, **kwargs}
   with pytest.raises(ValueError, match=flag):
-    attacks.make_pgd_attack(_Linear(), **args)
+    attacks.make_pgd_attack(_sum_loss(_Linear()), **args)

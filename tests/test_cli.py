@@ -40,8 +40,8 @@ def test_debug_cli_run_then_eval(tmp_path):
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert set(summary["masked_accuracy_at"]) == {"0.5", "0.9"}
-  with open(os.path.join(workdir, "config.json")) as f:
-    assert "LeNet300-100" in f.read()
+  with open(os.path.join(workdir, "experiment.json")) as f:
+    assert json.load(f)["model.name"] == "LeNet300-100"
 
   result = run_module("safe_dist.eval", args, tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -53,10 +53,10 @@ def test_debug_cli_run_then_eval(tmp_path):
   assert report["projected"]["0.95"]["accuracy"] == pytest.approx(summary["val_accuracy"])
 
 
-def test_eval_without_a_run_says_so(tmp_path):
-  result = run_module("safe_dist.eval", ["--config", "config:debug", "--workdir", str(tmp_path / "none")],
-                tmp_path)
-  assert result.returncode != 0
+@pytest.mark.parametrize("config", [[], ["--config", "config:debug"]], ids=["bare", "config"])
+def test_eval_without_a_run_says_so(tmp_path, config):
+  result = run_module("safe_dist.eval", [*config, "--workdir", str(tmp_path / "none")], tmp_path)
+  assert result.returncode == 2
   assert "holds no run" in result.stderr
 
 

@@ -1,16 +1,16 @@
 """Data: IDX/CIFAR readers, dataset search, grain train/eval pipelines."""
 
 import os
-import pickle
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fake_datasets import encoded_images, write_cifar
 from safe_dist import data
+from safe_dist.checkpointing import Checkpointer
 from safe_dist.data import formats
 from safe_dist.data import pipeline
-from fake_datasets import encoded_images as _encoded_images
-from fake_datasets import write_cifar as _write_cifar
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -24,7 +24,7 @@ def _write_idx_dataset(directory, num_train, num_test, gz):
   os.makedirs(directory, exist_ok=True)
   arrays = {}
   for prefix, n in (("train", num_train), ("t10k", num_test)):
-    images = _encoded_images(n, (28, 28), seed=n)
+    images = encoded_images(n, (28, 28), seed=n)
     labels = (np.arange(n) * 7 % 10).astype(np.uint8)
     suffix = ".gz" if gz else ""
     formats.write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte{suffix}"), images)
@@ -43,7 +43,7 @@ def mnist_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("cifar"))
-  expected = _write_cifar(os.path.join(root, "cifar-10-batches-py"), "cifar10",
+  expected = write_cifar(os.path.join(root, "cifar-10-batches-py"), "cifar10",
                           {"train": 40, "test": 30})
   return root, expected
 
@@ -89,7 +89,7 @@ def test_real_fashion_mnist():
 @pytest.mark.parametrize("kind,subdir", [("cifar10", ""), ("cifar10", "cifar-10-batches-py"),
                                          ("cifar100", "cifar-100-python")])
 def test_cifar_pickle_round_trip(tmp_path, kind, subdir):
-  expected = _write_cifar(str(tmp_path / subdir), kind, {"train": 12, "test": 8})
+  expected = write_cifar(str(tmp_path / subdir), kind, {"train": 12, "test": 8})
   info = data.dataset_info(kind, str(tmp_path))
   num_files = 5 if kind == "cifar10" else 1
   assert (info.num_train, info.num_test) == (12 * num_files, 8)
@@ -205,8 +205,6 @@ def test_get_state_set_state_resumes(mnist_dir, cifar_dir, name):
 
 
 def test_orbax_checkpoint_of_iterator(mnist_dir, tmp_path):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from safe_dist.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   kwargs = dict(global_batch_size=30, seed=1, data_dir=mnist_dir)
   it = data.make_train_iterator("mnist", **kwargs)
   _take(it, 13)

@@ -2,13 +2,13 @@
 
 import json
 import os
-import pickle
 import types
 
 import numpy as np
 import pytest
 
 import trainer_helpers
+from fake_datasets import write_cifar
 from helpers import run_module
 
 pytest.importorskip("imagecorruptions")
@@ -66,17 +66,32 @@ def test_adversarial_mode(workdir, tmp_path):
   assert "robust" in result.stdout
 
 
-def test_clean_mode_still_works(workdir, tmp_path):
-  result = _eval(workdir, tmp_path)
+def test_clean_mode_reads_the_run_from_the_workdir(workdir, tmp_path):
+  """Only evaluation flags are needed: the run's experiment comes from the workdir."""
+  result = run_module("safe_dist.eval", ["--workdir", workdir, "--mode", "clean",
+                                         "--eval_sparsities", "0.5"], tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   report = _report(workdir, "clean")
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert report["projected"]["0.95"]["accuracy"] == pytest.approx(summary["val_accuracy"])
-  # Each mode writes its own file only.
-  for mode in ("clean", "corrupt", "adversarial"):
-    path = os.path.join(workdir, f"eval_{mode}.json")
-    assert not os.path.exists(path) or _report(workdir, mode)["mode"] == mode
+  assert report["projected"]["0.5"]["weight_sparsity"] == pytest.approx(0.5, abs=1e-4)
+  assert report["dense"]["accuracy"] == pytest.approx(
+      summary["val_accuracy_before_projection"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sp", "0.9"], "--sp 0.9 disagrees with the run in --workdir (0.95)"),
+    (["--sparsifier", "gmp"], "--sparsifier gmp disagrees with the run"),
+    (["--config", "config:debug", "--config", "set:train.max_steps=30"], "holds a different run"),
+])
+def test_training_flags_that_disagree_with_the_run_are_refused(workdir, tmp_path, args,
+                                                                message):
+  before = sorted(os.listdir(workdir))
+  result = run_module("safe_dist.eval", ["--workdir", workdir, *args], tmp_path)
+  assert result.returncode == 2
+  assert message in result.stderr, result.stderr[-2000:]
+  assert sorted(os.listdir(workdir)) == before
 
 
 @pytest.mark.parametrize("args,message", [
@@ -130,28 +145,15 @@ def test_attack_defaults():
   assert eval_lib.attack_bound_and_lr(_flags(attack_bound=0.5, attack_lr=0.2)) == (0.5, 0.2)
 
 
-def _write_cifar10(directory, num_train, num_test):
-  """CIFAR-10 python pickles in the real format; returns the HWC test images and labels."""
-  os.makedirs(directory, exist_ok=True)
-  rng = np.random.default_rng(0)
-  for name, n in [*((f"data_batch_{i}", num_train) for i in range(1, 6)),
-                  ("test_batch", num_test)]:
-    chw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    labels = rng.integers(0, 10, n)
-    with open(os.path.join(directory, name), "wb") as f:
-      pickle.dump({b"data": chw.reshape(n, 3072), b"labels": list(labels),
-                   b"batch_label": b"x"}, f)
-  return chw.transpose(0, 2, 3, 1), labels
-
-
 @pytest.mark.filterwarnings("ignore")
 def test_corrupt_eval_reads_real_cifar10c(tmp_path):
   """A cifar10 run uses CIFAR-10-C files where they exist (the given intensity's rows) and
   generates the rest, labelled as such."""
-  from safe_dist import eval as eval_lib
-  from safe_dist import trainer
+  from safe_dist import evaluation, run_setup
   root = str(tmp_path / "data")
-  test_images, test_labels = _write_cifar10(os.path.join(root, "cifar-10-batches-py"), 40, 30)
+  written = write_cifar(os.path.join(root, "cifar-10-batches-py"), "cifar10",
+                        {"train": 40, "test": 30})
+  test_images, test_labels = written["test"]
   # fog.npy: intensity 2 holds the clean test images; the other intensities are noise.
   rng = np.random.default_rng(0)
   rows = [rng.integers(0, 256, test_images.shape, dtype=np.uint8) for _ in range(5)]
@@ -163,13 +165,13 @@ def test_corrupt_eval_reads_real_cifar10c(tmp_path):
   exp = trainer_helpers.debug_experiment(**{
       "data.name": "cifar10", "data.data_dir": root, "data.max_eval_examples": None,
       "train.eval_batch_size": 16})
-  run = trainer.setup(exp)
+  run = run_setup.setup(exp)
   state = run.init(0)
-  params, stats, network = eval_lib.final_network(run, state)
-  assert network["bn_recalibrated"] is False  # LeNet has no BatchNorm
+  network = evaluation.final_network(run, state)
+  assert network.description["bn_recalibrated"] is False  # LeNet has no BatchNorm
+  params, stats = network.params, network.batch_stats
 
-  results = eval_lib.corrupt_eval(run, params, stats, ["fog", "gaussian_noise"], 2,
-                                  max_examples=20)
+  results = evaluation.corrupt_eval(run, network, ["fog", "gaussian_noise"], 2, max_examples=20)
   fog, noise = results["corruptions"]["fog"], results["corruptions"]["gaussian_noise"]
   assert fog["source"] == "CIFAR-10-C" and "ImageNet-C style" in noise["source"]
   assert results["source"].startswith("mixed")
@@ -178,13 +180,14 @@ def test_corrupt_eval_reads_real_cifar10c(tmp_path):
   assert fog["loss"] == pytest.approx(results["clean"]["loss"], rel=1e-5)
 
   # The padded in-memory evaluation agrees with the trainer's over the whole test split.
-  full = eval_lib.evaluate_arrays(run, params, stats, test_images, test_labels)
-  reference = trainer.evaluate(run, params, stats)
+  full = evaluation.evaluate_batches(run, params, stats,
+                                     evaluation.array_batches(run, test_images, test_labels))
+  reference = evaluation.evaluate(run, params, stats)
   assert full["num_examples"] == 30
   assert full["accuracy"] == pytest.approx(reference["accuracy"])
   assert full["loss"] == pytest.approx(reference["loss"], rel=1e-5)
 
   # The same dataset at intensity 3 reads other rows (noise), not the clean images.
-  other = eval_lib.corrupt_eval(run, params, stats, ["fog"], 3, max_examples=20)
+  other = evaluation.corrupt_eval(run, network, ["fog"], 3, max_examples=20)
   assert other["source"] == "CIFAR-10-C"
   assert other["corruptions"]["fog"]["loss"] != pytest.approx(results["clean"]["loss"])

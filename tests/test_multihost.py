@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from safe_dist import trainer
+from safe_dist import run_setup
 from safe_dist.checkpointing import Checkpointer
 from trainer_helpers import debug_experiment
 
@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def _final_params(workdir: str):
   exp = debug_experiment(**{"train.max_steps": 12})
-  run = trainer.setup(exp)
+  run = run_setup.setup(exp)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
   state = checkpointer.restore(checkpointer.latest_step(), run.abstract_state)
   checkpointer.close()

@@ -1,138 +1,89 @@
 """SAFE, ADMM, GMP, IHT and one-shot magnitude against a float64 numpy reference of the update rules."""
 
+import fiddle as fdl
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from numpy_reference import keep_mask_global
-from safe_dist import optim
-from safe_dist.sparsity import (Projection, SparsifierConfig, auxiliary_and_dual, admm,
-                                find_admm_state, make_optimizer, prunable_tree)
+import configs
+from algorithm1_reference import (ADMM_METHODS, KERNEL_SHAPES, at, check_against_reference,
+                                  nest, np_keep_mask, problem, quadratic_value_and_grad)
+from safe_dist.sparsity import (Projection, SparsifierConfig, admm, admm_variables,
+                                auxiliary_and_dual, make_optimizer, prunable_tree,
+                                sparse_iterate, sparsifier_metrics)
 from safe_dist.sparsity import schedules
-
-KERNEL_SHAPES = {"conv/kernel": (3, 3, 2, 4), "dense/kernel": (12, 5)}  # in tree order
-
-
-def _nest(flat):
-  """{"a/b": x} -> {"a": {"b": x}} (flax-style parameter names)."""
-  out = {}
-  for path, value in flat.items():
-    outer, inner = path.split("/")
-    out.setdefault(outer, {})[inner] = value
-  return out
-
-
-def _problem(seed):
-  """A separable quadratic f(w) = 1/2 sum c (w - t)^2 over two kernels and a bias."""
-  rng = np.random.default_rng(seed)
-  shapes = {**KERNEL_SHAPES, "dense/bias": (5,)}
-  params = {k: rng.normal(size=s) for k, s in shapes.items()}
-  curv = {k: rng.uniform(0.5, 2.0, size=s) for k, s in shapes.items()}
-  target = {k: rng.normal(size=s) for k, s in shapes.items()}
-  return params, curv, target
-
-
-def _np_keep_mask(arrays, sparsity):
-  """Global exact top-k on |a|: drop floor(s N), ties dropped from the highest position."""
-  scores = [np.abs(a) for a in arrays]
-  return keep_mask_global(scores, int(np.floor(sparsity * sum(a.size for a in scores))))
-
-
-def _reference_run(cfg, params, curv, target, lr_fn, steps, total_steps, wd, momentum):
-  """Algorithm 1 of SPEC.md in float64 numpy, with SGD + momentum + coupled weight decay."""
-  x = {k: v.copy() for k, v in params.items()}
-  kernels = list(KERNEL_SHAPES)
-  grad = lambda w: {k: curv[k] * (w[k] - target[k]) for k in w}
-  lam_fn = schedules.penalty_schedule(cfg.lam, cfg.lambda_schedule, total_steps)
-  z = dict(zip(kernels, [x[k] * m for k, m in zip(kernels, _np_keep_mask([x[k] for k in kernels], cfg.sparsity))]))
-  u = {k: np.zeros_like(x[k]) for k in kernels}
-  trace = {k: np.zeros_like(v) for k, v in x.items()}
-  for t in range(steps):
-    if cfg.uses_admm and t % cfg.dual_update_interval == 0:
-      a = {k: x[k] + u[k] for k in kernels}
-      masks = _np_keep_mask([a[k] for k in kernels], cfg.sparsity)
-      for k, m in zip(kernels, masks):
-        z[k] = a[k] * m
-        u[k] = a[k] - z[k]
-    g = grad(x)
-    if cfg.uses_sam:
-      norm = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
-      g = grad({k: x[k] + cfg.rho * g[k] / norm for k in x})
-    if cfg.uses_admm:
-      lam = float(lam_fn(t))
-      for k in kernels:
-        g[k] = g[k] + lam * (x[k] - z[k] + u[k])
-    lr = float(lr_fn(t))
-    for k in x:
-      d = g[k] + wd * x[k]
-      trace[k] = momentum * trace[k] + d
-      x[k] = x[k] - lr * trace[k]
-    if cfg.name == "iht":
-      sp = float(schedules.sparsity_schedule(cfg.sparsity, cfg.sp_schedule,
-                                             int(cfg.begin_fraction * total_steps),
-                                             int(cfg.end_fraction * total_steps))(t))
-      for k, m in zip(kernels, _np_keep_mask([x[k] for k in kernels], sp)):
-        x[k] = x[k] * m
-  return x, z, u
-
-
-def _jax_run(cfg, params, curv, target, lr_fn, steps, total_steps, wd, momentum):
-  curv, target = _nest(curv), _nest(target)
-  loss_fn = lambda w: sum(jax.tree.leaves(jax.tree.map(
-      lambda x, c, t: 0.5 * jnp.sum(c * (x - t) ** 2), w, curv, target)))
-  value_and_grad = jax.value_and_grad(loss_fn)
-  base = optim.make_base_optimizer(
-      optim.OptimizerConfig(lr=0.1, weight_decay=wd, momentum=momentum), lr_fn)
-  tx = make_optimizer(cfg, base, total_steps)
-  x = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), _nest(params))
-  state = tx.init(x)
-
-  @jax.jit
-  def step(x, state):
-    _, g = value_and_grad(x)
-    updates, state = tx.update(g, state, x, value_and_grad_fn=value_and_grad)
-    return optax.apply_updates(x, updates), state
-
-  for _ in range(steps):
-    x, state = step(x, state)
-  return x, state
-
 
 @pytest.mark.parametrize("name,rho,schedule", [("safe", 0.05, "cosine"), ("admm", 0.0, "linear"),
                                                ("safe", 0.1, "constant"), ("iht", 0.0, "cosine")])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_update_rule_matches_float64_reference(name, rho, schedule, seed):
-  params, curv, target = _problem(seed)
-  steps, total, wd, momentum = 11, 20, 1e-3, 0.9
-  cfg = SparsifierConfig(name=name, sparsity=0.7, lam=0.5, lambda_schedule=schedule,
-                         dual_update_interval=3, rho=rho, sp_schedule="cubic", end_fraction=0.4)
-  lr_fn = optax.cosine_decay_schedule(0.05, total)
-  want_x, want_z, want_u = _reference_run(cfg, params, curv, target, lr_fn, steps, total, wd, momentum)
-  got_x, state = _jax_run(cfg, params, curv, target, lr_fn, steps, total, wd, momentum)
-  at = lambda tree, k: np.asarray(tree[k.split("/")[0]][k.split("/")[1]])
-  for k in params:
-    np.testing.assert_allclose(at(got_x, k), want_x[k], rtol=2e-5, atol=2e-5, err_msg=k)
-  if cfg.uses_admm:
-    z, u = auxiliary_and_dual(find_admm_state(state))
-    for k in KERNEL_SHAPES:
-      np.testing.assert_allclose(at(z, k), want_z[k], rtol=2e-5, atol=2e-5)
-      np.testing.assert_allclose(at(u, k), want_u[k], rtol=2e-5, atol=2e-5)
-    n_kernel = sum(np.prod(s) for s in KERNEL_SHAPES.values())
-    assert sum(int(np.sum(at(z, k) == 0)) for k in KERNEL_SHAPES) == int(0.7 * n_kernel)
+  check_against_reference(name, rho, schedule, seed)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_first_dual_update_comes_after_k_steps(steps):
+  """z = Proj(x0) and u = 0 through the first K = 3 steps; the first dual update at t = K."""
+  state = check_against_reference("safe", 0.05, "cosine", 0, steps=steps)
+  params, _, _ = problem(0)
+  z, u, keep = admm_variables(state)
+  if steps <= 3:
+    x0 = [params[k].astype(np.float32) for k in KERNEL_SHAPES]
+    for k, want in zip(KERNEL_SHAPES, np_keep_mask(x0, 0.7)):
+      np.testing.assert_array_equal(at(u, k), 0.0)
+      np.testing.assert_array_equal(at(keep, k), want)
+      np.testing.assert_array_equal(at(z, k), x0[list(KERNEL_SHAPES).index(k)] * want)
+  else:
+    assert any(np.any(at(u, k) != 0) for k in KERNEL_SHAPES)
+
+
+def _fixed_path_updates(cfg, steps=5):
+  """updates of make_optimizer(cfg) with an identity base optimizer (the update is the
+  modified gradient) along a fixed path of x, so that every config sees the same x."""
+  params, curv, target = problem(3)
+  value_and_grad = quadratic_value_and_grad(curv, target)
+  tx = make_optimizer(cfg, optax.identity(), 10)
+  x0, x1 = (jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), nest(p)) for p in (params, target))
+  state = tx.init(x0)
+  update = jax.jit(lambda g, s, x: tx.update(g, s, x, value_and_grad_fn=value_and_grad))
+  out = []
+  for t in range(steps):  # from x0 towards the minimum: the ranks of |x| change
+    x = jax.tree.map(lambda a, b: a + 0.2 * t * (b - a), x0, x1)
+    grads = value_and_grad(x)[1]
+    updates, state = update(grads, state, x)
+    out.append((x, grads, updates, state))
+  return out, value_and_grad
 
 
 def test_penalty_and_sam_only_touch_what_they_should():
-  """ADMM state exists only for kernels; SAM changes the gradient, rho = 0 does not."""
-  params, _, _ = _problem(3)
-  params = jax.tree.map(jnp.asarray, _nest(params))
-  tx = make_optimizer(SparsifierConfig(name="safe"), optax.sgd(0.1), 10)
-  state = tx.init(params)
-  z, _ = auxiliary_and_dual(find_admm_state(state))
-  assert isinstance(z["dense"]["bias"], optax.MaskedNode)
-  assert z["dense"]["kernel"].shape == (12, 5)
-  assert jax.tree.leaves(prunable_tree(params)) == [True, False, True]
+  """ADMM adds lambda (x - z + u) at the kernels only; SAFE differs from ADMM by exactly the
+  SAM gradient correction; SAFE with rho = 0 is ADMM bit for bit."""
+  common = dict(sparsity=0.7, lam=0.5, lambda_schedule="constant", dual_update_interval=2)
+  admm_run, value_and_grad = _fixed_path_updates(SparsifierConfig(name="admm", **common))
+  safe_run, _ = _fixed_path_updates(SparsifierConfig(name="safe", rho=0.05, **common))
+  rho0_run, _ = _fixed_path_updates(SparsifierConfig(name="safe", rho=0.0, **common))
+  for (x, g, upd, state), (_, _, safe_upd, safe_state), (_, _, rho0_upd, _) in zip(
+      admm_run, safe_run, rho0_run):
+    z, u, _ = admm_variables(state)
+    assert isinstance(z["dense"]["bias"], optax.MaskedNode)
+    np.testing.assert_array_equal(upd["dense"]["bias"], g["dense"]["bias"])  # no penalty
+    for k in KERNEL_SHAPES:
+      penalty = 0.5 * (at(x, k) - at(z, k) + at(u, k))
+      assert np.abs(penalty).max() > 1e-3
+      np.testing.assert_allclose(at(upd, k) - at(g, k), penalty, rtol=1e-5, atol=1e-6)
+    # SAFE = ADMM with the gradient at x + rho g / ||g|| in place of the gradient at x
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda w, d: w + 0.05 * d / norm, x, g)
+    loss, g_sam = value_and_grad(perturbed)
+    assert float(optax.tree.get(safe_state, "perturbed_loss")) == pytest.approx(float(loss))
+    sam_change = jax.tree.map(jnp.subtract, g_sam, g)
+    assert float(optax.tree.norm(sam_change)) > 1e-3
+    jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a - b, c, rtol=1e-5, atol=1e-6),
+                 safe_upd, upd, sam_change)
+    jax.tree.map(np.testing.assert_array_equal, rho0_upd, upd)
+  params, _, _ = problem(3)
+  assert jax.tree.leaves(prunable_tree(nest(params))) == [True, False, True]
 
 
 def test_gmp_mask_only_shrinks_and_reaches_target():
@@ -179,17 +130,51 @@ def test_one_shot_magnitude_is_dense_then_fixed():
                                          ({"scope": "row"}, "--sp_scope"),
                                          ({"lambda_schedule": "step"}, "--lambda_schedule"),
                                          ({"dual_update_interval": 0}, "--dual_update_interval"),
-                                         ({"rho": -1.0}, "--rho")])
+                                         ({"rho": -1.0}, "--rho"),
+                                         ({"lam": -1.0}, "--lambda"),
+                                         ({"importance": "hessian"}, "--importance"),
+                                         ({"sp_schedule": "step"}, "--sp_schedule"),
+                                         ({"scope": "global", "n_m": (2, 4)}, "--nm"),
+                                         ({"scope": "nm"}, "--nm"),
+                                         ({"n_m": (4, 4)}, "--nm")])
 def test_invalid_config_names_the_flag(kwargs, flag):
   with pytest.raises(ValueError, match=flag):
     SparsifierConfig(**kwargs)
 
 
+def _built_sparsifier(*fiddlers, **fields):
+  """The SparsifierConfig of fdl.build(configs.reference()) after `fiddlers`, with `fields`
+  set the way the reference flags are (`--sparsifier admm` sets sparsifier.name)."""
+  cfg = configs.reference()
+  for fiddler in fiddlers:
+    cfg = fiddler(cfg)
+  for key, value in fields.items():
+    setattr(cfg.sparsifier, key, value)
+  return fdl.build(cfg).sparsifier
+
+
+def test_lambda_schedule_defaults_per_method_and_explicit_wins():
+  assert _built_sparsifier().resolved_lambda_schedule == "cosine"  # SAFE: the reference runs
+  assert _built_sparsifier(name="safe_plus").resolved_lambda_schedule == "cosine"
+  for admm_cfg in (_built_sparsifier(configs.admm), _built_sparsifier(name="admm")):
+    assert admm_cfg.lambda_schedule is None
+    assert admm_cfg.resolved_lambda_schedule == "constant"  # as the official ADMM
+  # --sparsifier admm --lambda_schedule cosine: the explicit schedule wins
+  for explicit in (_built_sparsifier(configs.admm, lambda_schedule="cosine"),
+                   _built_sparsifier(name="admm", lambda_schedule="cosine")):
+    assert explicit.resolved_lambda_schedule == "cosine"
+  cfg = SparsifierConfig(name="admm", lam=0.3)
+  assert float(cfg.penalty(100)(0)) == pytest.approx(0.3)
+  assert float(SparsifierConfig(lam=0.3).penalty(100)(0)) == 0.0
+
+
 def _two_array_admm(projection, penalty_fn, interval):
   """The textbook form that stores z and u (2x the weights), for the lean-state test."""
 
-  def init_fn(params):
-    return (jnp.zeros([], jnp.int32), params, jax.tree.map(jnp.zeros_like, params))
+  def init_fn(params):  # z = Proj(x0), u = 0
+    z = jax.tree.map(lambda x, m: x * m.astype(x.dtype), params,
+                     projection.masks(jax.tree.map(jnp.abs, params)))
+    return (jnp.zeros([], jnp.int32), z, jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params):
     count, z, u = state
@@ -200,7 +185,8 @@ def _two_array_admm(projection, penalty_fn, interval):
                            projection.masks(jax.tree.map(jnp.abs, a)))
       return new_z, jax.tree.map(jnp.subtract, a, new_z)
 
-    z, u = jax.lax.cond(count % interval == 0, dual_update, lambda _: (z, u), None)
+    z, u = jax.lax.cond((count > 0) & (count % interval == 0), dual_update, lambda _: (z, u),
+                        None)
     lam = penalty_fn(count)
     updates = jax.tree.map(lambda g, x, z_, u_: g + (lam * (x - z_ + u_)).astype(g.dtype),
                            updates, params, z, u)
@@ -230,7 +216,9 @@ def test_lean_state_is_bit_identical_and_small(seed):
       xs[i] = optax.apply_updates(xs[i], updates)
     for k in shapes:
       np.testing.assert_array_equal(np.asarray(xs[0][k]), np.asarray(xs[1][k]))
-    if t % 3 == 0:  # a dual update: ||z - z_prev|| is reported
+    if t < 3:  # no dual update yet
+      assert float(states[0][0].dual_residual) == float(states[0][0].mask_change) == 0.0
+    elif t % 3 == 0:  # a dual update: ||z - z_prev|| is reported
       want = np.sqrt(sum(np.sum((np.asarray(states[1][0][1][k], np.float64) -
                                  np.asarray(z_before[k], np.float64)) ** 2) for k in shapes))
       assert float(states[0][0].dual_residual) == pytest.approx(want, rel=1e-5)
@@ -246,19 +234,22 @@ def test_lean_state_is_bit_identical_and_small(seed):
 
 
 def _safe_plus_run(importance, input_scale, grads_scale):
-  """One SAFE+ dual update on weights of equal magnitude: the mask must follow P."""
+  """SAFE+'s first dual update (t = K = 1) on weights of equal magnitude: the mask must
+  follow P."""
   n_in, n_out = 8, 6
   params = {"dense": {"kernel": jnp.ones((n_in, n_out), jnp.float32),
                       "bias": jnp.zeros((n_out,), jnp.float32)}}
-  cfg = SparsifierConfig(name="safe_plus", sparsity=0.5, importance=importance, rho=0.0)
+  cfg = SparsifierConfig(name="safe_plus", sparsity=0.5, importance=importance, rho=0.0,
+                         dual_update_interval=1)
   tx = make_optimizer(cfg, optax.sgd(0.0), 10)
   state = tx.init(params)
   norms = {"dense": {"kernel": jnp.asarray(input_scale, jnp.float32).reshape(n_in, 1),
                      "bias": jnp.zeros([])}}
   grads = {"dense": {"kernel": jnp.asarray(grads_scale, jnp.float32),
                      "bias": jnp.zeros((n_out,))}}
-  _, state = tx.update(grads, state, params, value_and_grad_fn=None, input_sq_norms=norms)
-  z, _ = auxiliary_and_dual(find_admm_state(state))
+  for _ in range(2):
+    _, state = tx.update(grads, state, params, value_and_grad_fn=None, input_sq_norms=norms)
+  z, _, _ = admm_variables(state)
   return np.asarray(z["dense"]["kernel"]) != 0
 
 
@@ -320,11 +311,48 @@ def test_nm_sparsity_for_every_sparsifier(name):
     _, grads = value_and_grad(params)
     updates, state = tx.update(grads, state, params, value_and_grad_fn=value_and_grad)
     params = optax.apply_updates(params, updates)
-  if cfg.uses_admm:
-    sparse, _ = auxiliary_and_dual(find_admm_state(state))
-  else:
-    sparse = params
+  sparse = sparse_iterate(params, state)
   projected = cfg.projection.project_params(params)
   for k in shapes:
     assert (_nonzeros_per_group(sparse[k]["kernel"], 4) == 2).all(), k
     assert (_nonzeros_per_group(projected[k]["kernel"], 4) == 2).all(), k
+
+
+@pytest.mark.parametrize("name", ["admm", "safe", "gmp", "none"])
+def test_sparsifiers_report_on_themselves(name):
+  """sparse_iterate, admm_variables and sparsifier_metrics (jitted) from the full state."""
+  cfg = SparsifierConfig(name=name, sparsity=0.7, lam=0.5, lambda_schedule="linear",
+                         dual_update_interval=2, prune_interval=1, end_fraction=0.2)
+  steps = 3
+  run, _ = _fixed_path_updates(cfg, steps)
+  x, _, _, state = run[-1]
+  metrics = jax.jit(sparsifier_metrics)(x, state)
+  iterate = sparse_iterate(x, state)
+  assert all(m.dtype == jnp.float32 and m.shape == () for m in metrics.values())
+  kernels = [at(iterate, k) for k in KERNEL_SHAPES]
+  want_zeros = sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
+  assert float(metrics["sparsity/z"]) == pytest.approx(want_zeros)
+  if name not in ADMM_METHODS:
+    assert set(metrics) == {"sparsity/z"}
+    assert iterate is x
+    with pytest.raises(ValueError, match="no ADMM state"):
+      admm_variables(state)
+    return
+  z, u, keep = admm_variables(state)
+  np.testing.assert_array_equal(at(iterate, "dense/bias"), at(x, "dense/bias"))
+  for k in KERNEL_SHAPES:
+    np.testing.assert_array_equal(at(iterate, k), at(z, k))
+    np.testing.assert_array_equal(at(z, k) != 0, at(keep, k))
+  assert float(metrics["sparsity/z"]) == pytest.approx(0.7, abs=0.01)
+  x_k = [at(x, k).astype(np.float64) for k in KERNEL_SHAPES]
+  gap = np.sqrt(sum(np.sum((a - at(z, k)) ** 2) for a, k in zip(x_k, KERNEL_SHAPES)))
+  want = {"admm/primal_residual": gap,
+          "admm/constraint_gap": gap / np.sqrt(sum(np.sum(a ** 2) for a in x_k)),
+          "admm/dual_norm": np.sqrt(sum(np.sum(at(u, k) ** 2) for k in KERNEL_SHAPES)),
+          "admm/lambda": float(cfg.penalty(10)(steps - 1))}
+  for key, value in want.items():
+    assert float(metrics[key]) == pytest.approx(value, rel=1e-5), key
+  assert 0.0 < float(metrics["admm/mask_change"]) < 1.0  # the dual update at t = 2
+  assert float(metrics["admm/dual_residual"]) > 0.0
+  first = sparsifier_metrics(*run[0][::3])  # (x, state) after step 0: no dual update yet
+  assert float(first["admm/mask_change"]) == float(first["admm/dual_residual"]) == 0.0

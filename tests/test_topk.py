@@ -76,6 +76,17 @@ def test_nm():
     prune_mask([np.ones((6, 3), np.float32)], 0.0, scope="nm", n_m=(2, 4))
 
 
+def test_n_m_alone_means_nm_and_conflicts_with_other_scopes():
+  rng = np.random.default_rng(3)
+  arrays = [_tied(rng, (8, 3)), rng.random((4, 5)).astype(np.float32)]
+  _check(prune_mask(arrays, 0.5, n_m=(2, 4)), [_ref_nm(a, 2, 4) for a in arrays])
+  for scope in ("global", "layerwise"):
+    with pytest.raises(ValueError, match="needs scope 'nm'"):
+      prune_mask(arrays, 0.5, scope=scope, n_m=(2, 4))
+  with pytest.raises(ValueError, match="needs n_m"):
+    prune_mask(arrays, 0.5, scope="nm")
+
+
 def test_passthrough_and_nonfinite():
   rng = np.random.default_rng(4)
   a, b = _tied(rng, (6, 5)), _tied(rng, (7,))

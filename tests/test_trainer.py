@@ -1,5 +1,6 @@
 """End-to-end runs of the trainer on the debug config: outputs, sharding invariance, resume."""
 
+import inspect
 import json
 import os
 
@@ -7,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from safe_dist import run_setup
+from safe_dist import sharding
 from safe_dist import trainer
+from safe_dist import workdir as workdir_lib
 from safe_dist.checkpointing import Checkpointer
 from safe_dist.sparsity import prunable_leaves, topk, weight_sparsity
 from helpers import collectives
@@ -26,7 +30,7 @@ REQUIRED_TAGS = ("train/loss", "train/accuracy", "val/accuracy", "val/masked_acc
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   exp = debug_experiment()
-  summary = trainer.train_and_evaluate(exp, workdir, config_json="{}")
+  summary = trainer.train_and_evaluate(exp, workdir)
   return exp, workdir, summary
 
 
@@ -35,13 +39,12 @@ def test_run_leaves_summary_events_config_and_checkpoint(finished_run):
   with open(os.path.join(workdir, "summary.json")) as f:
     on_disk = json.load(f)
   assert on_disk == summary
-  for key in ("model", "dataset", "sparsifier", "target_sparsity", "weight_sparsity",
-              "val_accuracy", "steps"):
-    assert key in summary
+  assert (summary["model"], summary["dataset"], summary["sparsifier"]) == (
+      "LeNet300-100", "synthetic", "safe")
   assert summary["steps"] == exp.train.max_steps == 24
   assert summary["weight_sparsity"] == pytest.approx(exp.sparsifier.sparsity, abs=1e-4)
   assert 0.0 <= summary["val_accuracy"] <= 1.0
-  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert workdir_lib.stored_experiment(workdir) == exp  # the run's one identity record
   scalars = read_scalars(os.path.join(workdir, "tensorboard"))
   for tag in REQUIRED_TAGS:
     assert tag in scalars, f"missing tag {tag}"
@@ -55,12 +58,12 @@ def test_run_leaves_summary_events_config_and_checkpoint(finished_run):
   assert all(0 <= v <= 1 for v in changes) and max(changes) > 0
   lam = dict(scalars["admm/lambda"])
   assert lam[max(lam)] > lam[min(lam)] >= 0  # cosine penalty grows
-  run = trainer.setup(exp)
+  run = run_setup.setup(exp)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
   assert checkpointer.latest_step() == 24
   state = checkpointer.restore(24, run.abstract_state)
   assert int(state.step) == 24
-  projected = run.project(state.params, None)
+  projected = run.project(state.params)
   assert float(weight_sparsity(projected)) == pytest.approx(summary["weight_sparsity"])
   checkpointer.close()
 
@@ -93,13 +96,13 @@ def test_workdir_of_another_experiment_is_refused_untouched(finished_run):
 def test_batch_size_not_divisible_by_data_parallel_size():
   exp = debug_experiment(**{"train.batch_size": 30})
   with pytest.raises(ValueError, match="--batch_size 30 must be divisible"):
-    trainer.setup(exp)
+    run_setup.setup(exp)
 
 
 def test_projection_in_the_trainer_gathers_no_weights():
   """With kernels split over fsdp, Proj_d compiles to small collectives only."""
   exp = replace(debug_experiment(), "mesh", data=2, fsdp=4)
-  run = trainer.setup(exp)
+  run = run_setup.setup(exp)
   split = [not s.is_fully_replicated for s in jax.tree.leaves(run.param_shardings)]
   assert sum(split) >= 3  # the LeNet kernels (and some biases) are sharded
   hlo = jax.jit(lambda p: run.projection.project_params(p),
@@ -144,11 +147,11 @@ def test_batch_norm_statistics_are_global_batch_statistics():
   permuted = {k: v[rng.permutation(32)] for k, v in batch.items()}
 
   def one_step(run, b):
-    state, metrics = run.train_step(run.init(0), trainer.global_batch(run.mesh, b))
+    state, metrics = run.train_step(run.init(0), sharding.global_batch(run.mesh, b))
     return jax.device_get((state.batch_stats, state.params, metrics["train/loss"]))
 
-  one = trainer.setup(replace(exp, "mesh", data=1, num_devices=1))
-  eight = trainer.setup(replace(exp, "mesh", data=8))
+  one = run_setup.setup(replace(exp, "mesh", data=1, num_devices=1))
+  eight = run_setup.setup(replace(exp, "mesh", data=8))
   reference, reordered, sharded = one_step(one, batch), one_step(one, permuted), one_step(
       eight, batch)
   assert sharded[2] == pytest.approx(reference[2], rel=1e-5)
@@ -160,3 +163,40 @@ def test_batch_norm_statistics_are_global_batch_statistics():
     assert max_diff(reference[part], sharded[part]) <= bounds[part], part
   stats_scale = max(np.abs(x).max() for x in jax.tree.leaves(reference[0]))
   assert stats_scale > 100 * bounds[0]  # the bound is far below the statistics themselves
+
+
+def _stop_inside(function_name: str):
+  """A stop request that turns True while `function_name` is on the call stack."""
+  return lambda: any(frame.function == function_name for frame in inspect.stack(0))
+
+
+def test_default_budget_skips_a_measurement_that_costs_too_much(tmp_path, caplog):
+  """With the default 5% share, a Hessian probe on a batch 16x the train batch (one product
+  costs more than the budget) is skipped with a logged reason, before compiling."""
+  exp = debug_experiment(**{"train.monitoring_share": 0.05, "train.max_steps": 16,
+                            "train.sharpness_batch_size": 512, "train.bnt_sample_size": 0})
+  caplog.set_level("INFO")
+  summary = trainer.train_and_evaluate(exp, str(tmp_path))
+  assert summary["steps"] == 16
+  skipped = [r.getMessage() for r in caplog.records if "skipped (one Hessian" in r.getMessage()]
+  assert len(skipped) == 2, skipped  # x and Proj(x) at step 16 (the end)
+  assert "(estimated)" in skipped[0]
+  scalars = read_scalars(os.path.join(str(tmp_path), "tensorboard"))
+  assert not any(tag.startswith("sharpness/hessian") for tag in scalars)
+
+
+@pytest.mark.parametrize("phase", ["measure", "evaluate_batches", "finalize"])
+def test_stop_during_a_long_phase_ends_it_and_keeps_the_checkpoint(tmp_path, phase):
+  """A stop signal during the Hessian probe, an evaluation or the final phase ends the run
+  at once with the last step checkpointed; the same command then finishes the run."""
+  exp = debug_experiment(**{"train.max_steps": 16, "train.bnt_sample_size": 0})
+  workdir = str(tmp_path)
+  # The debug config evaluates and measures every half epoch (16 steps), so at the end here.
+  out = trainer.train_and_evaluate(exp, workdir, stop_requested=_stop_inside(phase))
+  assert out == {"interrupted_at_step": 16}
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert checkpointer.latest_step() == 16
+  checkpointer.close()
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  summary = trainer.train_and_evaluate(exp, workdir)
+  assert summary["steps"] == 16

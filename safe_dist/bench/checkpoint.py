@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import grain
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
@@ -37,13 +38,10 @@ def train_state(model_name: str, image_shape: tuple, total_steps: int = 1000) ->
 
   @jax.jit
   def init(key):
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    init_key, state_key = jax.random.split(key)
-    variables = nn.unbox(model.init(init_key, jnp.zeros((1, *image_shape)), train=False))
+    variables = nn.unbox(model.init(key, jnp.zeros((1, *image_shape)), train=False))
     params = variables["params"]
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=state_key)
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
   return init(jax.random.PRNGKey(0))
 
 

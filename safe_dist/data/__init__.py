@@ -2,6 +2,7 @@
 
 from safe_dist.data.pipeline import apply_label_noise
 from safe_dist.data.pipeline import crop_and_flip
+from safe_dist.data.pipeline import eval_batches_of_arrays
 from safe_dist.data.pipeline import make_eval_batches
 from safe_dist.data.pipeline import make_train_iterator
 from safe_dist.data.sources import DATASET_NAMES

@@ -106,30 +106,41 @@ def make_train_iterator(name: str, *, global_batch_size: int, seed: int,
 
 
 class _EvalGather:
-  """Position batch -> {"image", "label", "weight"}; positions past the split are padding."""
+  """Position batch -> {"image", "label", "weight"}; positions past the split are padding.
+
+  Integer (uint8) images are scaled to [0, 1]; float images are taken as they are."""
 
   def __init__(self, images: np.ndarray, labels: np.ndarray):
     self.images, self.labels = images, labels
+    self.scale = 255.0 if np.issubdtype(images.dtype, np.integer) else 1.0
 
   def __call__(self, positions: np.ndarray) -> dict:
     real = positions < len(self.labels)
     index = np.where(real, positions, 0)
-    images = np.where(real[:, None, None, None], self.images[index], 0)
-    return {"image": images.astype(np.float32) / 255.0,
+    mask = real.reshape((-1,) + (1,) * (self.images.ndim - 1))
+    images = np.where(mask, self.images[index], 0)
+    return {"image": images.astype(np.float32) / self.scale,
             "label": np.where(real, self.labels[index], 0).astype(np.int32),
             "weight": real.astype(np.float32)}
+
+
+def eval_batches_of_arrays(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+                           process_index: int = 0, process_count: int = 1):
+  """Iterable over this process's slices of global batches covering `images` once, in order;
+  the last batch is zero-padded to `batch_size` with weight 0."""
+  local = _local_batch_size(batch_size, process_count)
+  num_batches = math.ceil(len(labels) / batch_size)
+  ds = grain.MapDataset.range(num_batches * batch_size).batch(local)
+  ds = ds[process_index::process_count].map(_EvalGather(images, labels))
+  return ds.to_iter_dataset(_READ_OPTIONS)
 
 
 def make_eval_batches(name: str, *, batch_size: int, split: str = "test",
                       data_dir: Optional[str] = None, max_examples: Optional[int] = None,
                       process_index: int = 0, process_count: int = 1):
-  """Iterable over this process's slices of global batches covering `split` once, in order;
-  the last batch is zero-padded to `batch_size` with weight 0."""
-  local = _local_batch_size(batch_size, process_count)
+  """`eval_batches_of_arrays` over the first `max_examples` (default: all) of a split."""
   images, labels = sources.load_split(name, split, data_dir)
   if max_examples:
     images, labels = images[:max_examples], labels[:max_examples]
-  num_batches = math.ceil(len(labels) / batch_size)
-  ds = grain.MapDataset.range(num_batches * batch_size).batch(local)
-  ds = ds[process_index::process_count].map(_EvalGather(images, labels))
-  return ds.to_iter_dataset(_READ_OPTIONS)
+  return eval_batches_of_arrays(images, labels, batch_size=batch_size,
+                                process_index=process_index, process_count=process_count)

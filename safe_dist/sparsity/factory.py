@@ -1,14 +1,13 @@
 """Builds the full optimizer of a sparsifier: base optimizer plus SAFE/ADMM/GMP/IHT/magnitude."""
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import optax
 
 from safe_dist.sparsity import baselines
 from safe_dist.sparsity import schedules
 from safe_dist.sparsity.admm import admm
-from safe_dist.sparsity.importance import IMPORTANCE_SOURCES
 from safe_dist.sparsity.sam import sam_gradient
 from safe_dist.sparsity.projection import Projection, prunable_tree
 
@@ -19,18 +18,20 @@ SPARSIFIERS = ("safe", "safe_plus", "admm", "gmp", "iht", "magnitude", "none")
 class SparsifierConfig:
   """What to prune, how much, and with which method (reference flag in brackets).
 
-  name [--sparsifier]: one of SPARSIFIERS. sparsity [--sp], scope [--sp_scope], n_m [--nm].
-  SAFE/ADMM: lam [--lambda], lambda_schedule, dual_update_interval (K), rho (SAM radius, SAFE).
+  name [--sparsifier]: one of SPARSIFIERS. sparsity [--sp], scope [--sp_scope] (None: "nm"
+  if n_m is given, else "global"), n_m [--nm].
+  SAFE/ADMM: lam [--lambda], lambda_schedule (None: the method's default, see
+  `resolved_lambda_schedule`), dual_update_interval (K), rho (SAM radius, SAFE).
   SAFE+: importance [--importance] "activation" (input norms, Wanda-style) or "grad_sq".
   GMP/IHT: sp_schedule from `begin_fraction` to `end_fraction` of training, GMP every
   `prune_interval` steps. magnitude: prune once at `prune_fraction` of training, then fine-tune.
   """
   name: str = "safe"
   sparsity: float = 0.95
-  scope: str = "global"
+  scope: Optional[str] = None
   n_m: Optional[tuple[int, int]] = None
   lam: float = 1e-4
-  lambda_schedule: str = "cosine"
+  lambda_schedule: Optional[str] = None
   dual_update_interval: int = 32
   rho: float = 0.1
   importance: str = "activation"
@@ -43,36 +44,39 @@ class SparsifierConfig:
   def __post_init__(self):
     if self.name not in SPARSIFIERS:
       raise ValueError(f"--sparsifier must be one of {SPARSIFIERS}, got {self.name!r}")
-    self.projection  # validates --sp, --sp_scope, --nm
-    if self.lambda_schedule not in schedules.LAMBDA_SCHEDULES:
-      raise ValueError(f"--lambda_schedule must be one of {schedules.LAMBDA_SCHEDULES}, "
-                       f"got {self.lambda_schedule!r}")
-    if self.sp_schedule not in schedules.SPARSITY_SCHEDULES:
-      raise ValueError(f"--sp_schedule must be one of {schedules.SPARSITY_SCHEDULES}, "
-                       f"got {self.sp_schedule!r}")
-    if self.dual_update_interval < 1:
-      raise ValueError(f"--dual_update_interval must be >= 1, got {self.dual_update_interval}")
-    if self.importance not in IMPORTANCE_SOURCES:
-      raise ValueError(f"--importance must be one of {IMPORTANCE_SOURCES}, "
-                       f"got {self.importance!r}")
-    if self.rho < 0:
-      raise ValueError(f"--rho must be >= 0, got {self.rho}")
-    if self.lam < 0:
-      raise ValueError(f"--lambda must be >= 0, got {self.lam}")
     if not 0.0 <= self.begin_fraction <= self.end_fraction <= 1.0:
       raise ValueError("sparsifier.begin_fraction <= sparsifier.end_fraction must lie in [0, 1]")
+    # Every other value is checked once, by the part that uses it (its error names the flag):
+    # building all parts here reports a bad value before training starts, whatever the method.
+    projection = self.projection  # --sp, --sp_scope, --nm
+    admm(projection, self.penalty(1), self.dual_update_interval, self.importance)
+    sam_gradient(self.rho)
+    baselines.gmp(projection, self.sparsity_schedule(1), self.prune_interval, 1)
 
   @property
   def projection(self) -> Projection:
     return Projection(self.sparsity, self.scope, self.n_m)
 
   @property
-  def uses_admm(self) -> bool:
-    return self.name in ("safe", "safe_plus", "admm")
+  def resolved_lambda_schedule(self) -> str:
+    """lambda_schedule, or when None the method's default: constant for ADMM (the official
+    ADMM ignores the schedule), cosine for SAFE and SAFE+ (the reference runs)."""
+    if self.lambda_schedule is not None:
+      return self.lambda_schedule
+    return "constant" if self.name == "admm" else "cosine"
 
-  @property
-  def uses_sam(self) -> bool:
-    return self.name in ("safe", "safe_plus") and self.rho > 0
+  def penalty(self, total_steps: int) -> optax.Schedule:
+    """lambda(t) of SAFE/SAFE+/ADMM."""
+    return schedules.penalty_schedule(self.lam, self.resolved_lambda_schedule, total_steps)
+
+  def sparsity_schedule(self, total_steps: int) -> optax.Schedule:
+    """s(t) of GMP and IHT: from 0 at `begin_fraction` to `sparsity` at `end_fraction`."""
+    begin, end = self.ramp_steps(total_steps)
+    return schedules.sparsity_schedule(self.sparsity, self.sp_schedule, begin, end)
+
+  def ramp_steps(self, total_steps: int) -> tuple[int, int]:
+    """(begin, end) steps of the GMP/IHT sparsity ramp."""
+    return int(self.begin_fraction * total_steps), int(self.end_fraction * total_steps)
 
   @property
   def needs_input_norms(self) -> bool:
@@ -85,30 +89,29 @@ class SparsifierConfig:
 
 
 def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
-                   total_steps: int, shardings: Any = None
+                   total_steps: int, projection: Optional[Projection] = None
                    ) -> optax.GradientTransformationExtraArgs:
   """base optimizer wrapped by the sparsifier; update(..., value_and_grad_fn=f) for SAFE.
 
-  shardings: optional `prunable_shardings` tree; the projection then runs per shard.
+  projection: `cfg.projection` by default; pass one carrying the kernels' shardings
+  (`prunable_shardings`) to run every projection per shard.
   """
-  projection = dataclasses.replace(cfg.projection, shardings=shardings)
+  projection = cfg.projection if projection is None else projection
   if cfg.name == "none":
     return optax.with_extra_args_support(base)
-  if cfg.uses_admm:
-    penalty = schedules.penalty_schedule(cfg.lam, cfg.lambda_schedule, total_steps)
+  if cfg.name in ("safe", "safe_plus", "admm"):
     importance = cfg.importance if cfg.name == "safe_plus" else None
-    parts = [optax.masked(admm(projection, penalty, cfg.dual_update_interval, importance),
-                          prunable_tree), base]
-    if cfg.uses_sam:
+    parts = [optax.masked(admm(projection, cfg.penalty(total_steps), cfg.dual_update_interval,
+                               importance), prunable_tree), base]
+    if cfg.name != "admm" and cfg.rho > 0:  # SAFE's w-step is a SAM step
       parts.insert(0, sam_gradient(cfg.rho))
     return optax.chain(*parts)
-  begin = int(cfg.begin_fraction * total_steps)
-  end = int(cfg.end_fraction * total_steps)
-  sparsity_fn = schedules.sparsity_schedule(projection.sparsity, cfg.sp_schedule, begin, end)
+  sparsity_fn = cfg.sparsity_schedule(total_steps)
   if cfg.name == "iht":
     sparsifier = baselines.iht(projection, sparsity_fn)
   elif cfg.name == "gmp":
-    sparsifier = baselines.gmp(projection, sparsity_fn, cfg.prune_interval, end)
+    sparsifier = baselines.gmp(projection, sparsity_fn, cfg.prune_interval,
+                               cfg.ramp_steps(total_steps)[1])
   else:
     sparsifier = baselines.one_shot_magnitude(projection, int(cfg.prune_fraction * total_steps))
   return optax.chain(base, optax.masked(sparsifier, prunable_tree))

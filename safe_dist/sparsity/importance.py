@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from safe_dist.sparsity.projection import stat_dtype
+
 IMPORTANCE_SOURCES = ("activation", "grad_sq")
 _SOWN = "input_sq_norm"
 
@@ -60,17 +62,24 @@ def input_sq_norms(params, intermediates) -> Any:
 
 
 def init_sum(source: str, params) -> Any:
-  """Zero accumulator for `source` over the (masked) prunable params."""
+  """Zero accumulator for `source` over the (masked) prunable params (in `stat_dtype`)."""
+  dtype = stat_dtype(params)
   if source == "activation":
-    return jax.tree.map(lambda p: jnp.zeros((1,) * (p.ndim - 2) + (p.shape[-2], 1), jnp.float32),
+    return jax.tree.map(lambda p: jnp.zeros((1,) * (p.ndim - 2) + (p.shape[-2], 1), dtype),
                         params)
-  return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+
+
+def accumulate(total, seen) -> Any:
+  """total + seen, kept in the accumulator's dtype."""
+  return jax.tree.map(lambda t, s: t + s.astype(t.dtype), total, seen)
 
 
 def observation(source: str, masked_like, grads, extra_args: dict) -> Any:
   """This step's value of P at the (masked) prunable leaves."""
   if source == "grad_sq":
-    return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads)
+    return jax.tree.map(lambda g: jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))),
+                        grads)
   if "input_sq_norms" not in extra_args:
     raise ValueError("SAFE+ with activation importance needs update(..., input_sq_norms=...) "
                      "(see safe_dist.sparsity.importance.recording_inputs)")

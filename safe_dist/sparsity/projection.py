@@ -1,13 +1,14 @@
 """Which weights are prunable, and the hard projection Proj_d applied to them."""
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from safe_dist.sparsity.topk import SCOPES, prune_mask
+from safe_dist.sparsity.topk import prune_mask, resolve_scope
 
 
 def _is_prunable_leaf(path, leaf) -> bool:
@@ -41,24 +42,19 @@ class Projection:
 
   Operates on trees that hold only prunable leaves (other positions are `optax.MaskedNode`),
   as inside `optax.masked`, or on full parameter trees through `project_params`.
+  scope None means "nm" when `n_m` is given, else "global" (see `topk.resolve_scope`); it is
+  stored resolved.
   """
   sparsity: float
-  scope: str = "global"
+  scope: Optional[str] = None
   n_m: Optional[tuple[int, int]] = None
   # NamedShardings of the prunable leaves (MaskedNode elsewhere): with them the projection
   # runs per shard inside jit (see `prune_mask`); `prunable_shardings` builds the tree.
   shardings: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
-    if self.scope not in SCOPES:
-      raise ValueError(f"--sp_scope must be one of {SCOPES}, got {self.scope!r}")
-    if self.scope == "nm":
-      if self.n_m is None:
-        raise ValueError("--sp_scope nm needs --nm N:M (e.g. 2:4)")
-      n, m = self.n_m
-      if not 0 < n < m:
-        raise ValueError(f"--nm must be N:M with 0 < N < M, got {n}:{m}")
-    elif not 0.0 <= self.sparsity < 1.0:
+    object.__setattr__(self, "scope", resolve_scope(self.scope, self.n_m))
+    if self.scope != "nm" and not 0.0 <= self.sparsity < 1.0:
       raise ValueError(f"--sp must be in [0, 1), got {self.sparsity}")
 
   @property
@@ -92,9 +88,25 @@ def prunable_shardings(params, shardings) -> Any:
                       prunable_tree(params))
 
 
+def stat_dtype(tree) -> jnp.dtype:
+  """The dtype of statistics (norms, fractions, lambda) about `tree`: float32, or wider for
+  wider leaves (float64 params under jax_enable_x64)."""
+  return functools.reduce(jnp.promote_types, [x.dtype for x in jax.tree.leaves(tree)],
+                          jnp.dtype(jnp.float32))
+
+
+def tree_norm(leaves, dtype) -> jax.Array:
+  """The global L2 norm of a list of arrays, accumulated in `dtype`."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves))
+
+
+def zero_fraction(leaves, dtype) -> jax.Array:
+  """Fraction of exact zeros among a list of arrays, in `dtype`."""
+  # int32 counts per leaf (each < 2^31), summed across leaves in `dtype`
+  zeros = sum(jnp.sum(x == 0, dtype=jnp.int32).astype(dtype) for x in leaves)
+  return zeros / jnp.asarray(sum(x.size for x in leaves), dtype)
+
+
 def weight_sparsity(params) -> jax.Array:
   """Fraction of exact zeros among the prunable weights."""
-  leaves = prunable_leaves(params)
-  zeros = sum(jnp.sum(x == 0) for x in leaves)
-  total = sum(x.size for x in leaves)
-  return zeros / total
+  return zero_fraction(prunable_leaves(params), stat_dtype(params))

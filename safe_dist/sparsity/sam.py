@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from safe_dist.sparsity.projection import stat_dtype
+
 
 class SAMState(NamedTuple):
-  """perturbed_loss: f(x + e) of the last step (f(x + e) - f(x) is the SAM sharpness)."""
+  """perturbed_loss: f(x + e) of the last step (f(x + e) - f(x) is the SAM sharpness), in
+  `stat_dtype` of the params."""
   perturbed_loss: jax.Array
 
 
@@ -26,14 +29,13 @@ def sam_gradient(rho: float, eps: float = 1e-12) -> optax.GradientTransformation
     raise ValueError(f"--rho must be >= 0, got {rho}")
 
   def init_fn(params):
-    del params
-    return SAMState(perturbed_loss=jnp.zeros([], jnp.float32))
+    return SAMState(perturbed_loss=jnp.zeros([], stat_dtype(params)))
 
   def update_fn(updates, state, params=None, *, value_and_grad_fn, **extra_args):
-    del state, extra_args
+    del extra_args
     scale = rho / (optax.tree.norm(updates) + eps)
     perturbed = jax.tree.map(lambda x, g: x + (scale * g).astype(x.dtype), params, updates)
     loss, grads = value_and_grad_fn(perturbed)
-    return grads, SAMState(perturbed_loss=jnp.asarray(loss, jnp.float32))
+    return grads, SAMState(perturbed_loss=jnp.asarray(loss, state.perturbed_loss.dtype))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

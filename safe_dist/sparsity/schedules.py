@@ -1,4 +1,8 @@
-"""Schedules of the penalty lambda(t) and of the target sparsity s(t), as optax schedules of the step."""
+"""Schedules of the penalty lambda(t) and of the target sparsity s(t), as optax schedules of the step.
+
+They compute in JAX's default float type: float32, or float64 under jax_enable_x64 (so that
+float64 runs are float64 throughout); the sparsifiers cast lambda(t) to the params' dtype.
+"""
 
 import jax.numpy as jnp
 import optax
@@ -7,16 +11,23 @@ LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
 SPARSITY_SCHEDULES = ("constant", "linear", "cosine", "cubic")
 
 
+def _progress(step, begin: int, span: int) -> jnp.ndarray:
+  """(step - begin) / span clipped to [0, 1], in the default float type."""
+  return jnp.clip((jnp.asarray(step, float) - begin) / span, 0.0, 1.0)
+
+
 def penalty_schedule(lam: float, kind: str, total_steps: int) -> optax.Schedule:
   """lambda(t) of SPEC.md: constant, linear (lam t / T) or cosine (lam (1 - cos(pi t / T)) / 2)."""
   if kind not in LAMBDA_SCHEDULES:
     raise ValueError(f"--lambda_schedule must be one of {LAMBDA_SCHEDULES}, got {kind!r}")
+  if lam < 0:
+    raise ValueError(f"--lambda must be >= 0, got {lam}")
   if kind == "constant":
     return optax.constant_schedule(lam)
   total = max(int(total_steps), 1)
 
   def schedule(step):
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / total, 0.0, 1.0)
+    frac = _progress(step, 0, total)
     if kind == "linear":
       return lam * frac
     return lam * (1.0 - jnp.cos(jnp.pi * frac)) / 2.0
@@ -37,7 +48,7 @@ def sparsity_schedule(final: float, kind: str, begin_step: int, end_step: int,
   span = max(int(end_step) - int(begin_step), 1)
 
   def schedule(step):
-    p = jnp.clip((jnp.asarray(step, jnp.float32) - begin_step) / span, 0.0, 1.0)
+    p = _progress(step, begin_step, span)
     if kind == "linear":
       ramp = p
     elif kind == "cosine":

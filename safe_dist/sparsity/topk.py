@@ -47,6 +47,9 @@ def _check_finite(leaves):
 def _keys(x: jax.Array) -> jax.Array:
   """Order-preserving uint32 keys of float32 scores (-0.0 == +0.0).
 
+  Wider scores (float64 under jax_enable_x64) are ranked at float32 precision: scores equal
+  after rounding to float32 are ties (the lower position is kept); the count stays exact.
+
   Inside jit non-finite scores are not checked: +inf ranks above every finite score and NaN
   (positive sign bit) above +inf, so they are kept first; negative NaN ranks below -inf.
   """
@@ -61,9 +64,33 @@ def _num_dropped(sparsity, n: int):
     raise NotImplementedError(f"prune_mask: a group of {n} >= 2^31 scores")
   if isinstance(sparsity, (float, int)):
     return jnp.int32(int(np.floor(float(sparsity) * n)))
-  # Traced: floor of the float32 product, so f32(0.9) * 1200 gives 1080 as intended; differs
-  # from the exact float64 floor by at most n * 2^-24 (only matters for n > 2^24).
-  return jnp.floor(jnp.asarray(sparsity, jnp.float32) * np.float32(n)).astype(jnp.int32)
+  # Traced: floor of the product in the sparsity's float type, at least float32 (float64 under
+  # jax_enable_x64), so f32(0.9) * 1200 gives 1080 as intended; in float32 it differs from the
+  # exact float64 floor by at most n * 2^-24 (only matters for n > 2^24).
+  dtype = jnp.promote_types(jnp.result_type(sparsity), jnp.float32)
+  return jnp.floor(jnp.asarray(sparsity, dtype) * jnp.asarray(n, dtype)).astype(jnp.int32)
+
+
+def resolve_scope(scope: Optional[str], n_m: Optional[tuple[int, int]]) -> str:
+  """The scope to use: `scope`, or when it is None "nm" if `n_m` is given, else "global".
+
+  The one check of --sp_scope and --nm: an N:M pattern with another explicit scope is an error
+  (it would silently prune unstructured).
+  """
+  if scope is None:
+    scope = "global" if n_m is None else "nm"
+  if scope not in SCOPES:
+    raise ValueError(f"scope (--sp_scope) must be one of {SCOPES}, got {scope!r}")
+  if scope != "nm":
+    if n_m is not None:
+      raise ValueError(f"n_m (--nm) {n_m} needs scope 'nm' (--sp_scope nm), got {scope!r}")
+    return scope
+  if n_m is None:
+    raise ValueError("scope 'nm' (--sp_scope nm) needs n_m=(N, M) (--nm N:M, e.g. 2:4)")
+  n, m = n_m
+  if not 0 < n < m:
+    raise ValueError(f"--nm must be N:M with 0 < N < M, got {n}:{m}")
+  return scope
 
 
 def _nm_mask(x: jax.Array, n: int, m: int) -> jax.Array:
@@ -246,7 +273,7 @@ def _search(count_fn, k, lo, hi, c_lo, c_hi, first=None, interp_width=_INTERP_WI
     shrunk = (n_chi - n_clo) * _SHRINK <= (c_hi - c_lo)
     ok = jnp.where(use, shrunk, True)
     # nearest thresholds outside the new bracket (with their counts), for the density slope
-    nbl = jnp.sum(below, axis=1)
+    nbl = jnp.sum(below, axis=1, dtype=jnp.int32)
     at = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, _B - 1)[:, None], 1)[:, 0]
     tl, cl, tr, cr = nb
     tl = jnp.where(nbl >= 2, at(t, nbl - 2), jnp.where(nbl == 1, lo, tl))
@@ -308,7 +335,7 @@ def _sample_thresholds(blocks, leaves, k, sizes, gather):
 
 def _combine(c, mn, mx):
   """Per-device stats ([devices, groups, ...]) -> totals, min, max."""
-  return jnp.sum(c, axis=0), jnp.min(mn, axis=0), jnp.max(mx, axis=0)
+  return jnp.sum(c, axis=0, dtype=jnp.int32), jnp.min(mn, axis=0), jnp.max(mx, axis=0)
 
 
 def _select(blocks, leaves, k, sizes, collect, gather=None):
@@ -453,7 +480,7 @@ def _masks_jit(arrays, k, groups, sizes, mesh, specs):
 
   def gather(keys):
     # the fixed-size key sample (~_SAMPLE per group and device), never the weights
-    valid = lax.psum(jnp.sum(keys != _UMAX, axis=1), axes)
+    valid = lax.psum(jnp.sum(keys != _UMAX, axis=1, dtype=jnp.int32), axes)
     allk = lax.all_gather(keys, axes, axis=1, tiled=True)
     return allk, valid
 
@@ -466,7 +493,7 @@ def _masks_jit(arrays, k, groups, sizes, mesh, specs):
 
 
 def prune_mask(scores: Any, sparsity: Union[float, Sequence[float], jax.Array],
-               scope: str = "global", n_m: Optional[tuple[int, int]] = None,
+               scope: Optional[str] = None, n_m: Optional[tuple[int, int]] = None,
                shardings: Any = None) -> Any:
   """Boolean keep-masks of a pytree of non-negative scores.
 
@@ -474,15 +501,15 @@ def prune_mask(scores: Any, sparsity: Union[float, Sequence[float], jax.Array],
     scores: pytree of arrays; `None` / `optax.MaskedNode` leaves pass through unchanged.
     sparsity: fraction in [0, 1) to drop (may be traced); for "layerwise" also a sequence
       with one fraction per array leaf. Ignored for "nm".
-    scope: "global" (one threshold over all leaves), "layerwise" or "nm".
+    scope: "global" (one threshold over all leaves), "layerwise" or "nm"; None (default):
+      "nm" if `n_m` is given, else "global".
     n_m: (N, M) for scope "nm": keep N of every M along the input dimension.
     shardings: optional pytree (like `scores`) of `NamedSharding`s of the leaves. Needed inside
       jit when the mesh axes are Auto (leaves' shardings are not visible there); outside jit
       and with Explicit axes they are read from the leaves. With a mesh the work runs per
       shard in `jax.shard_map` (no gather); without, as plain jnp (one device, or GSPMD).
   """
-  if scope not in SCOPES:
-    raise ValueError(f"scope (--sp_scope) must be one of {SCOPES}, got {scope!r}")
+  scope = resolve_scope(scope, n_m)
   leaves, treedef = jax.tree.flatten(scores, is_leaf=_is_passthrough)
   keep_idx = [i for i, x in enumerate(leaves) if not _is_passthrough(x)]
   arrays = [leaves[i] if isinstance(leaves[i], jax.Array) else jnp.asarray(leaves[i])
@@ -494,8 +521,6 @@ def prune_mask(scores: Any, sparsity: Union[float, Sequence[float], jax.Array],
     sh = [sh_leaves[i] for i in keep_idx]
   mesh, specs = _common_mesh(arrays, sh) if arrays else (None, None)
   if scope == "nm":
-    if n_m is None:
-      raise ValueError("scope 'nm' needs n_m=(N, M) (--nm N:M)")
     masks = []
     for i, x in enumerate(arrays):
       m = n_m[1]
