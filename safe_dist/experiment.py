@@ -66,12 +66,13 @@ class TrainConfig:
   check_nans: bool = False
   # Hessian top eigenvalue and trace on a fixed held-out batch every `sharpness_every_epochs`
   # (0: never), for x and for Proj(x): at most `sharpness_iters` power iterations and
-  # `sharpness_samples` Hutchinson samples, cut to fit `monitoring_share` of the training time.
+  # `sharpness_samples` Hutchinson samples, cut to fit `monitoring_share` of the training time
+  # (None: not budgeted, every measurement runs in full).
   sharpness_every_epochs: float = 10.0
   sharpness_batch_size: int = 256
   sharpness_iters: int = 20
   sharpness_samples: int = 10
-  monitoring_share: float = 0.05
+  monitoring_share: Optional[float] = 0.05
 
   def __post_init__(self):
     if self.num_epochs <= 0:
@@ -84,8 +85,9 @@ class TrainConfig:
       raise ValueError(f"--checkpoint_every_epoch must be >= 1, got {self.checkpoint_every_epoch}")
     if self.sharpness_every_epochs < 0:
       raise ValueError(f"--sharpness_every must be >= 0 epochs, got {self.sharpness_every_epochs}")
-    if not 0.0 < self.monitoring_share <= 1.0:
-      raise ValueError(f"train.monitoring_share must be in (0, 1], got {self.monitoring_share}")
+    if self.monitoring_share is not None and not 0.0 < self.monitoring_share <= 1.0:
+      raise ValueError("train.monitoring_share must be in (0, 1] or None (not budgeted), got "
+                       f"{self.monitoring_share}")
     if self.max_steps is not None and self.max_steps < 1:
       raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
 

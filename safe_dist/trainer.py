@@ -110,9 +110,10 @@ def _held_out_batch(run: Run) -> dict:
 
 
 def _log_sharpness(run: Run, state: TrainState, writer: MetricWriter, step: int, batch: dict,
-                   budget_seconds: float, hvp_seconds_estimate: float,
+                   budget_seconds: Optional[float], hvp_seconds_estimate: Optional[float],
                    should_stop: Callable[[], bool]) -> None:
-  """Hessian sharpness of x and of Proj(x) within `budget_seconds` (half each)."""
+  """Hessian sharpness of x and of Proj(x) within `budget_seconds` (half each; None: no
+  limit)."""
   key = jax.random.PRNGKey(run.exp.train.seed)  # the same probe vectors at every step
   values = monitoring.sharpness_of_iterates(
       run.hessian_probe, state.params, run.project(state.params), state.batch_stats, batch,
@@ -122,6 +123,18 @@ def _log_sharpness(run: Run, state: TrainState, writer: MetricWriter, step: int,
     writer.scalars(step, values)
     logging.info("step %d: %s", step, " ".join(f"{k.split('/')[-1]}={v:.4g}"
                                                 for k, v in values.items()))
+
+
+def _sharpness_budget(tc, progress: _Progress) -> tuple[Optional[float], Optional[float]]:
+  """(seconds the next Hessian measurement may take, estimated seconds of one product)."""
+  if tc.monitoring_share is None:
+    return None, None
+  # A Hessian-vector product costs about a (SAM) train step on as many examples. All
+  # processes must decide alike (each product is a collective): process 0's clock.
+  budget, estimate = distributed.from_first_process(np.array([
+      tc.monitoring_share * progress.training_seconds(),
+      progress.step_seconds() * tc.sharpness_batch_size / tc.batch_size]))
+  return float(budget), float(estimate)
 
 
 def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
@@ -194,11 +207,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
           evaluated = {step: _log_evaluation(run, state, writer, step, should_stop)}
       if plan.fires(step, plan.sharpness_every_steps):
         flush_metrics(keep_last=False)
-        # A Hessian-vector product costs about a (SAM) train step on as many examples. All
-        # processes must decide alike (each product is a collective): process 0's clock.
-        budget, hvp_estimate = distributed.from_first_process(np.array([
-            tc.monitoring_share * progress.training_seconds(),
-            progress.step_seconds() * tc.sharpness_batch_size / tc.batch_size]))
+        budget, hvp_estimate = _sharpness_budget(tc, progress)
         with progress.monitoring(state):
           _log_sharpness(run, state, writer, step, held_out, budget, hvp_estimate, should_stop)
         progress.new_window()
