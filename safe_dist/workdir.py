@@ -65,10 +65,10 @@ def check_workdir(exp: Experiment, workdir: str) -> bool:
   stored = read_record(workdir)
   if stored is None:
     return False
-  differ = differences(stored, experiment_record(exp))
+  mine = experiment_record(exp)
+  differ = differences(stored, mine)
   if differ:
-    details = ", ".join(f"{k}: {stored.get(k)!r} -> {experiment_record(exp).get(k)!r}"
-                        for k in differ[:8])
+    details = ", ".join(f"{k}: {stored.get(k)!r} -> {mine.get(k)!r}" for k in differ[:8])
     raise ValueError(f"--workdir {workdir} holds a different run ({details}); nothing was "
                      "changed there. Use a new --workdir for a new experiment.")
   return True
