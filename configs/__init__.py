@@ -7,6 +7,7 @@ Pick one with `--config config:NAME`, edit it with `--config fiddler:NAME` and
 import fiddle as fdl
 
 from safe_dist.experiment import DataConfig, Experiment, ModelConfig, TrainConfig
+from safe_dist.models.llama import LlamaConfig
 from safe_dist.optim import OptimizerConfig
 from safe_dist.sharding import MeshConfig
 from safe_dist.sparsity import SparsifierConfig
@@ -87,6 +88,56 @@ def debug() -> fdl.Config[Experiment]:
   # Smoke tests of the Hessian probes: measured in full, whatever the machine's load.
   cfg.train.monitoring_share = None
   cfg.sparsifier.dual_update_interval = 4
+  return cfg
+
+
+def _language_model(llama: fdl.Config[LlamaConfig], tokenizer: str,
+                    seqlen: int) -> fdl.Config[Experiment]:
+  """SAFE at 50% per kernel (each matrix on its own, as for LLMs) on the Shakespeare plays."""
+  return fdl.Config(
+      Experiment,
+      task="next_token",
+      model=fdl.Config(ModelConfig, name="llama", llama=llama),
+      data=fdl.Config(DataConfig, name="shakespeare", tokenizer=tokenizer, seqlen=seqlen),
+      optimizer=fdl.Config(OptimizerConfig, name="adamw", lr=3e-4, lr_schedule="cosine",
+                           warmup_epochs=0.1, weight_decay=0.1, b1=0.9, b2=0.95),
+      sparsifier=fdl.Config(SparsifierConfig, name="safe", sparsity=0.5, scope="layerwise",
+                            lam=1e-3, dual_update_interval=32, rho=0.05),
+      mesh=fdl.Config(MeshConfig),
+      train=fdl.Config(TrainConfig, num_epochs=1, batch_size=32, seed=1, eval_batch_size=64,
+                       eval_every_epochs=0.25, sharpness_every_epochs=0.5,
+                       sharpness_batch_size=16, bnt_sample_size=0),
+  )
+
+
+def lm_shakespeare_tiny() -> fdl.Config[Experiment]:
+  """A 1M-parameter byte-level LLaMA trained from scratch on the Shakespeare train plays with
+  SAFE to 50% sparsity per kernel: minutes on 2 CPU cores."""
+  llama = fdl.Config(LlamaConfig, vocab_size=256, hidden_size=128, intermediate_size=512,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=64)
+  cfg = _language_model(llama, tokenizer="bytes", seqlen=64)
+  cfg.optimizer.lr = 3e-3
+  cfg.optimizer.warmup_epochs = 0.01
+  cfg.train.batch_size = 16
+  cfg.train.max_steps = 400
+  cfg.train.eval_every_epochs = 0.02
+  cfg.train.sharpness_every_epochs = 0.04
+  cfg.data.max_eval_examples = 256
+  return cfg
+
+
+def lm_1b() -> fdl.Config[Experiment]:
+  """A 1.1B LLaMA (TinyLlama's shape: 22 blocks, width 2048, 32 heads, 4 KV heads, MLP 5632)
+  with SmolLM2's tokenizer, fully sharded over all devices (FSDP), for GPU clusters.
+  `--memory_report` prints its per-device state without allocating it."""
+  llama = fdl.Config(LlamaConfig, vocab_size=49152, hidden_size=2048, intermediate_size=5632,
+                     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                     rope_theta=10000.0, max_position_embeddings=2048)
+  cfg = _language_model(llama, tokenizer="smollm2-135m", seqlen=2048)
+  cfg.mesh = fdl.Config(MeshConfig, data=1, fsdp=-1, tensor=1)
+  cfg.train.batch_size = 256
+  cfg.train.half_precision = True
   return cfg
 
 

@@ -69,9 +69,8 @@ def evaluate(run: Run, params, batch_stats, split: str = "test",
   exp = run.exp
   num_examples = run.info.num_test if split == "test" else run.info.num_train
   num_examples = min(num_examples, exp.data.max_eval_examples or num_examples)
-  batches = data_lib.make_eval_batches(
-      exp.data.name, batch_size=eval_batch_size(run, num_examples), split=split,
-      data_dir=exp.data.data_dir, max_examples=exp.data.max_eval_examples,
+  batches = data_lib.eval_batches(
+      exp.data, batch_size=eval_batch_size(run, num_examples), split=split,
       process_index=jax.process_index(), process_count=jax.process_count())
   return evaluate_batches(run, params, batch_stats, batches, should_stop)
 
@@ -90,10 +89,9 @@ def recalibrate_batch_stats(run: Run, params, batch_stats, should_stop: StopFn =
   if not batch_stats or exp.train.bnt_sample_size == 0:
     return batch_stats
   num_batches = max(exp.train.bnt_sample_size // exp.train.batch_size, 1)
-  iterator = data_lib.make_train_iterator(
-      exp.data.name, global_batch_size=exp.train.batch_size, seed=exp.train.seed + 1,
-      data_dir=exp.data.data_dir, augment=False, max_examples=exp.data.max_train_examples,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  iterator = data_lib.train_iterator(
+      exp.data, global_batch_size=exp.train.batch_size, seed=exp.train.seed + 1,
+      for_statistics=True, process_index=jax.process_index(), process_count=jax.process_count())
   stats_step = jax.jit(steps_lib.make_batch_stats_step(run.model, run.task))
   zeros = jax.tree.map(jnp.zeros_like, batch_stats)
   per_batch = []

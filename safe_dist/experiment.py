@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from safe_dist import data
 from safe_dist import models
 from safe_dist import tasks
+from safe_dist.models.llama import LlamaConfig
 from safe_dist.optim import OptimizerConfig
 from safe_dist.sharding import MeshConfig
 from safe_dist.sparsity import SparsifierConfig
@@ -15,16 +16,28 @@ from safe_dist.sparsity import SparsifierConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """[--model]: a name of `safe_dist.models.MODEL_NAMES`."""
+  """[--model]: a name of `safe_dist.models.MODEL_NAMES`; `llama` takes its architecture from
+  `llama` (a `LlamaConfig`)."""
   name: str = "ResNet20"
+  llama: Optional[LlamaConfig] = None
 
   def __post_init__(self):
     if self.name not in models.MODEL_NAMES:
       raise ValueError(f"--model must be one of {models.MODEL_NAMES}, got {self.name!r}")
+    if (self.name == models.LLAMA) != (self.llama is not None):
+      raise ValueError("model.llama (the architecture) is given exactly when --model is "
+                       f"{models.LLAMA!r} (e.g. --config config:lm_shakespeare_tiny); got "
+                       f"--model {self.name!r} with model.llama={self.llama}")
 
-  def build(self, num_classes: int, mean, std, half_precision: bool):
-    return models.create_model(self.name, num_classes, mean=mean, std=std,
-                               dtype=jnp.bfloat16 if half_precision else jnp.float32)
+  def build(self, info: data.DatasetInfo, half_precision: bool):
+    dtype = jnp.bfloat16 if half_precision else jnp.float32
+    if self.llama is not None:
+      if info.num_classes > self.llama.vocab_size:
+        raise ValueError(f"the tokenizer's {info.num_classes} tokens do not fit "
+                         f"model.llama.vocab_size={self.llama.vocab_size}")
+      return models.create_llama(self.llama, dtype)
+    return models.create_model(self.name, info.num_classes, mean=info.mean, std=info.std,
+                               dtype=dtype)
 
   @property
   def has_batch_norm(self) -> bool:
@@ -33,19 +46,28 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """[--dataset --data_dir --label_noise_ratio]; max_*_examples take a slice (debug mode)."""
+  """[--dataset --data_dir --label_noise_ratio]; max_*_examples take a slice (debug mode).
+
+  Text corpora (`safe_dist.data.CORPUS_NAMES`) are read as windows of `seqlen` tokens of
+  `tokenizer` ("bytes", or a pretrained model's; see `safe_dist.lm.tokenization`).
+  """
   name: str = "cifar10"
   data_dir: Optional[str] = None
   label_noise_ratio: float = 0.0
   augment: bool = True
   max_train_examples: Optional[int] = None
   max_eval_examples: Optional[int] = None
+  tokenizer: str = "bytes"
+  seqlen: int = 256
 
   def __post_init__(self):
-    if self.name not in data.DATASET_NAMES:
-      raise ValueError(f"--dataset must be one of {data.DATASET_NAMES}, got {self.name!r}")
+    names = data.DATASET_NAMES + data.CORPUS_NAMES
+    if self.name not in names:
+      raise ValueError(f"--dataset must be one of {names}, got {self.name!r}")
     if not 0.0 <= self.label_noise_ratio < 1.0:
       raise ValueError(f"--label_noise_ratio must be in [0, 1), got {self.label_noise_ratio}")
+    if self.seqlen < 2:
+      raise ValueError(f"--seqlen must be >= 2, got {self.seqlen}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +131,13 @@ class Experiment:
 
   def __post_init__(self):
     tasks.get_task(self.task)
+    expected = ("next_token" if data.is_text(self.data.name) else "classification")
+    if self.task != expected or (self.model.name == models.LLAMA) != data.is_text(self.data.name):
+      raise ValueError(
+          f"task {self.task!r}, --model {self.model.name!r} and --dataset {self.data.name!r} "
+          f"do not go together: text corpora {data.CORPUS_NAMES} train --model llama on the "
+          "next_token task (config:lm_shakespeare_tiny), image datasets a vision model on "
+          "classification")
     for s in self.eval_sparsities:
       if not 0.0 <= s < 1.0:
         raise ValueError(f"--eval_sparsities must lie in [0, 1), got {s}")

@@ -10,13 +10,15 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """[--optimizer --lr --lr_schedule --warmup_epochs --wd --momentum]"""
+  """[--optimizer --lr --lr_schedule --warmup_epochs --wd --momentum]; b1, b2: Adam's betas."""
   name: str = "sgd"
   lr: float = 0.1
   lr_schedule: str = "cosine"
   warmup_epochs: float = 5.0
   weight_decay: float = 1e-4
   momentum: float = 0.9
+  b1: float = 0.9
+  b2: float = 0.999
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -31,6 +33,9 @@ class OptimizerConfig:
       raise ValueError(f"--wd must be >= 0, got {self.weight_decay}")
     if not 0 <= self.momentum < 1:
       raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+    for name in ("b1", "b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, steps_per_epoch: int,
@@ -55,5 +60,6 @@ def make_base_optimizer(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.Gradi
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(lr, momentum=cfg.momentum or None))
   if cfg.name == "adam":
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
-  return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.adam(lr, b1=cfg.b1, b2=cfg.b2))
+  return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)

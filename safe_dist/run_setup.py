@@ -92,16 +92,27 @@ def validate(exp: Experiment, mesh) -> None:
                      f"processes {jax.process_count()}")
 
 
-def setup(exp: Experiment, devices=None) -> Run:
+def shapes_only_info(exp: Experiment) -> data_lib.DatasetInfo:
+  """What `setup` needs of the data, without reading any where the model fixes it: a language
+  model's vocabulary and windows (an abstract evaluation of the state, an external model)."""
+  if exp.model.llama is None:
+    return data_lib.info(exp.data)
+  return data_lib.DatasetInfo(exp.train.batch_size, 0, exp.model.llama.vocab_size,
+                              (exp.data.seqlen - 1,), (), ())
+
+
+def setup(exp: Experiment, devices=None, info: Optional[data_lib.DatasetInfo] = None) -> Run:
+  """The run of `exp` (`info`: the data's description when known, e.g. without reading the
+  data for an abstract evaluation of the state)."""
   mesh = sharding.make_mesh(exp.mesh, devices)
   validate(exp, mesh)
   task = tasks.get_task(exp.task)
-  info = data_lib.dataset_info(exp.data.name, exp.data.data_dir)
+  info = info or data_lib.info(exp.data)
   num_train = min(info.num_train, exp.data.max_train_examples or info.num_train)
   plan = make_plan(exp, num_train)
-  model = exp.model.build(info.num_classes, info.mean, info.std, exp.train.half_precision)
+  model = exp.model.build(info, exp.train.half_precision)
   lr_fn = optim.learning_rate_schedule(exp.optimizer, plan.steps_per_epoch, plan.total_steps)
-  dummy = task.dummy_input(info.image_shape)
+  dummy = task.dummy_input(info.input_shape)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
   param_shardings = sharding.shardings_for(boxed["params"], mesh)
   # The projection runs per shard of the prunable kernels (no gather of the weights).

@@ -27,6 +27,14 @@ LOGICAL_RULES = (
     ("conv_out", "tensor"),
     ("conv_height", None),
     ("conv_width", None),
+    # LLaMA (safe_dist.models.llama): the model width over fsdp, what the heads, the MLP and
+    # the vocabulary split into over tensor (Megatron-style column/row split of each block).
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
 )
 
 

@@ -11,13 +11,19 @@ import sys
 import time
 
 from absl import app, logging
+from absl import flags as absl_flags
 
 from safe_dist import distributed
 from safe_dist import flags
+from safe_dist import memory
+from safe_dist import run_setup
 from safe_dist import trainer
 
 FLAGS = flags.FLAGS
 _CONFIG = flags.define_flags()
+absl_flags.DEFINE_bool("memory_report", False, "Print the bytes per device of the sharded "
+                       "train state (params, optimizer, sparsifier) on the configured mesh, "
+                       "evaluated abstractly (nothing allocated, no data read), and exit.")
 
 # Exit status after a checkpoint taken on SIGTERM/SIGUSR1: launch/slurm scripts requeue on it.
 REQUEUE_EXIT_CODE = 85
@@ -30,6 +36,9 @@ def _print_table(summary: dict, seconds: float, workdir: str) -> None:
           ("weight sparsity", f"{summary['weight_sparsity']:.2%}"),
           ("val accuracy (dense x)", f"{summary['val_accuracy_before_projection']:.2%}"),
           ("val accuracy (projected)", f"{summary['val_accuracy']:.2%}"),
+          *([("perplexity (dense x)", f"{summary['perplexity_before_projection']:.3f}"),
+             ("perplexity (projected)", f"{summary['perplexity']:.3f}")]
+            if "perplexity" in summary else []),
           ("steps", str(summary["steps"])), ("time", f"{seconds / 60:.1f} min")]
   width = max(len(k) for k, _ in rows)
   print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
@@ -53,6 +62,10 @@ def main(argv):
     experiment = flags.build_experiment(cfg)
   except ValueError as e:
     flags.fail(str(e))
+  if FLAGS.memory_report:
+    run = run_setup.setup(experiment, info=run_setup.shapes_only_info(experiment))
+    print(memory.report(run.abstract_state, run.mesh))
+    return
   stop = flags.StopOnSignal()
   start = time.time()
   try:

@@ -29,10 +29,8 @@ from safe_dist.train_state import TrainState
 
 
 def _make_train_iterator(exp: Experiment):
-  return data_lib.make_train_iterator(
-      exp.data.name, global_batch_size=exp.train.batch_size, seed=exp.train.seed,
-      data_dir=exp.data.data_dir, label_noise_ratio=exp.data.label_noise_ratio,
-      augment=exp.data.augment, max_examples=exp.data.max_train_examples,
+  return data_lib.train_iterator(
+      exp.data, global_batch_size=exp.train.batch_size, seed=exp.train.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -84,7 +82,7 @@ def _log_evaluation(run: Run, state: TrainState, writer: MetricWriter, step: int
   val = evaluation.evaluate(run, state.params, state.batch_stats, should_stop=should_stop)
   masked = evaluation.evaluate(run, projected, state.batch_stats, should_stop=should_stop)
   layers = monitoring.per_layer_sparsity(sparse_iterate(state.params, state.opt_state))
-  writer.scalars(step, {**{f"val/{k}": v for k, v in val.items() if k != "num_examples"},
+  writer.scalars(step, {**{f"val/{k}": v for k, v in val.items() if not k.startswith("num_")},
                         **{f"val/masked_{k}": masked[k] for k in ("accuracy", "perplexity")
                            if k in masked},
                         "sparsity/projected_weights": float(weight_sparsity(projected)),
@@ -93,8 +91,9 @@ def _log_evaluation(run: Run, state: TrainState, writer: MetricWriter, step: int
   writer.text(step, "sparsity/per_layer",
               monitoring.sparsity_table(layers, monitoring.layer_sizes(state.params)))
   writer.flush()
-  logging.info("step %d: val accuracy %.4f, masked (%.0f%%) accuracy %.4f", step,
-               val["accuracy"], 100 * exp.sparsifier.target_sparsity, masked["accuracy"])
+  shown = "perplexity" if "perplexity" in val else "accuracy"
+  logging.info("step %d: val %s %.4f, masked (%.0f%%) %s %.4f", step, shown, val[shown],
+               100 * exp.sparsifier.target_sparsity, shown, masked[shown])
   return val
 
 
@@ -102,9 +101,8 @@ def _held_out_batch(run: Run) -> dict:
   """The fixed batch of the sharpness estimates: the first test examples."""
   dp = sharding.data_parallel_size(run.mesh)
   size = -(-run.exp.train.sharpness_batch_size // dp) * dp
-  local = next(iter(data_lib.make_eval_batches(
-      run.exp.data.name, batch_size=size, split="test", data_dir=run.exp.data.data_dir,
-      max_examples=run.exp.data.max_eval_examples, process_index=jax.process_index(),
+  local = next(iter(data_lib.eval_batches(
+      run.exp.data, batch_size=size, split="test", process_index=jax.process_index(),
       process_count=jax.process_count())))
   return sharding.global_batch(run.mesh, local)
 
@@ -260,12 +258,17 @@ def finalize(run: Run, state: TrainState, writer: MetricWriter,
       "target_sparsity": exp.sparsifier.target_sparsity,
       "weight_sparsity": final.description["weight_sparsity"],
       "bn_recalibrated": final.description["bn_recalibrated"],
-      **{f"val_{k}": v for k, v in rates.items() if k != "num_examples"},
+      **{f"val_{k}": v for k, v in rates.items() if not k.startswith("num_")},
       "val_accuracy_before_projection": dense["accuracy"],
       "masked_accuracy_at": {s: row["accuracy_bn_recalibrated" if state.batch_stats
                                     else "accuracy"] for s, row in at_sparsity.items()},
   }
+  if "perplexity" in rates:  # language models
+    summary["perplexity"] = rates["perplexity"]
+    summary["perplexity_before_projection"] = dense["perplexity"]
   step = int(jax.device_get(state.step))
   writer.scalars(step, {"final/val_accuracy": rates["accuracy"],
-                        "final/weight_sparsity": summary["weight_sparsity"]})
+                        "final/weight_sparsity": summary["weight_sparsity"],
+                        **({"final/perplexity": rates["perplexity"]} if "perplexity" in rates
+                           else {})})
   return summary

@@ -8,6 +8,7 @@ and paths), and the evaluation CLI rebuilds the experiment from it.
 import dataclasses
 import json
 import os
+import types
 import typing
 from typing import Any
 
@@ -76,6 +77,10 @@ def check_workdir(exp: Experiment, workdir: str) -> bool:
 
 def _from_json(cls, value):
   """`value` (JSON form) as an instance of the annotated type `cls`."""
+  if value is None:
+    return None
+  if typing.get_origin(cls) in (typing.Union, types.UnionType):  # Optional[SomeConfig]
+    cls = next((c for c in typing.get_args(cls) if dataclasses.is_dataclass(c)), cls)
   if dataclasses.is_dataclass(cls):
     hints = typing.get_type_hints(cls)
     return cls(**{f.name: _from_json(hints[f.name], value[f.name])

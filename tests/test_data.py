@@ -68,7 +68,7 @@ def test_idx_dataset_via_data_dir(tmp_path, gz):
   arrays = _write_idx_dataset(str(tmp_path), 20, 10, gz=gz)
   info = data.dataset_info("mnist", str(tmp_path))
   assert (info.num_train, info.num_test, info.num_classes) == (20, 10, 10)
-  assert info.image_shape == (28, 28, 1) and info.mean == (0.1307,)
+  assert info.input_shape == (28, 28, 1) and info.mean == (0.1307,)
   images, labels = data.load_split("mnist", "test", str(tmp_path))
   np.testing.assert_array_equal(images[..., 0], arrays["t10k"][0])
   np.testing.assert_array_equal(labels, arrays["t10k"][1])
@@ -78,7 +78,7 @@ def test_idx_dataset_via_data_dir(tmp_path, gz):
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist():
   info = data.dataset_info("fashion_mnist", FASHION_DIR)
-  assert (info.num_train, info.num_test, info.image_shape) == (60000, 10000, (28, 28, 1))
+  assert (info.num_train, info.num_test, info.input_shape) == (60000, 10000, (28, 28, 1))
   for split, n in (("train", 60000), ("test", 10000)):
     images, labels = data.load_split("fashion_mnist", split, FASHION_DIR)
     assert images.shape == (n, 28, 28, 1) and labels.shape == (n,)
@@ -94,7 +94,7 @@ def test_cifar_pickle_round_trip(tmp_path, kind, subdir):
   num_files = 5 if kind == "cifar10" else 1
   assert (info.num_train, info.num_test) == (12 * num_files, 8)
   assert info.num_classes == (10 if kind == "cifar10" else 100)
-  assert info.image_shape == (32, 32, 3) and len(info.mean) == 3
+  assert info.input_shape == (32, 32, 3) and len(info.mean) == 3
   for split in ("train", "test"):
     images, labels = data.load_split(kind, split, str(tmp_path))
     np.testing.assert_array_equal(images, expected[split][0])

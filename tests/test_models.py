@@ -38,11 +38,11 @@ def kernel_specs(boxed):
 
 
 def test_names():
-  assert len(models.MODEL_NAMES) == 15
+  assert len(models.VISION_MODEL_NAMES) == 15 and models.MODEL_NAMES[15:] == ("llama",)
   assert "VGG19-bn" in models.MODEL_NAMES and "ResNet32x2" in models.MODEL_NAMES
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", models.VISION_MODEL_NAMES)
 def test_init_shapes_and_axis_names(name):
   boxed, out = abstract_init(name, num_classes=100)
   assert out.shape == (2, 100) and out.dtype == jnp.float32

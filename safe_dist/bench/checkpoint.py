@@ -23,6 +23,7 @@ from absl import logging
 
 from safe_dist import optim
 from safe_dist.checkpointing import Checkpointer
+from safe_dist.data import DatasetInfo
 from safe_dist.experiment import ModelConfig
 from safe_dist.sparsity import SparsifierConfig, make_optimizer
 from safe_dist.train_state import TrainState
@@ -30,8 +31,9 @@ from safe_dist.train_state import TrainState
 
 def train_state(model_name: str, image_shape: tuple, total_steps: int = 1000) -> TrainState:
   """The SAFE train state the trainer would build for `model_name` (its real optimizer state)."""
-  model = ModelConfig(name=model_name).build(10, (0.5,) * image_shape[-1],
-                                             (0.25,) * image_shape[-1], False)
+  channels = image_shape[-1]
+  info = DatasetInfo(1, 1, 10, image_shape, (0.5,) * channels, (0.25,) * channels)
+  model = ModelConfig(name=model_name).build(info, False)
   lr_fn = optim.learning_rate_schedule(optim.OptimizerConfig(), 100, total_steps)
   tx = make_optimizer(SparsifierConfig(name="safe", sparsity=0.95),
                       optim.make_base_optimizer(optim.OptimizerConfig(), lr_fn), total_steps)

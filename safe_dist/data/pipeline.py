@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from safe_dist.data import sources
 
 PAD = 4  # CIFAR random crop: 4-pixel zero padding
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -85,24 +85,34 @@ def make_train_iterator(name: str, *, global_batch_size: int, seed: int,
                         augment: bool = True, max_examples: Optional[int] = None,
                         process_index: int = 0, process_count: int = 1):
   """Infinite grain iterator (get_state/set_state) of this process's training batches."""
-  local = _local_batch_size(global_batch_size, process_count)
   images, labels = sources.load_split(name, "train", data_dir)
   if max_examples:
     images, labels = images[:max_examples], labels[:max_examples]
   if label_noise_ratio:
     num_classes = sources.dataset_info(name, data_dir).num_classes
     labels = apply_label_noise(labels, label_noise_ratio, num_classes, seed)
-  steps_per_epoch = len(labels) // global_batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"{len(labels)} training examples make no global batch of "
-                     f"{global_batch_size}")
   shuffle_seed, augment_seed = _derived_seeds(seed, 2)
-  ds = grain.MapDataset.range(len(labels)).shuffle(seed=shuffle_seed)
-  ds = ds[:steps_per_epoch * global_batch_size]  # per-epoch drop_remainder
-  ds = ds.batch(local)[process_index::process_count].repeat()  # element t: step t's rows
+  ds = train_index_batches(len(labels), global_batch_size, shuffle_seed, process_index,
+                           process_count)
   augment_seed = augment_seed if augment and name.startswith("cifar") else None
   ds = ds.map_with_index(_Gather(images, labels, augment_seed, global_batch_size, process_index))
-  return iter(ds.to_iter_dataset(_READ_OPTIONS))
+  return iter(ds.to_iter_dataset(READ_OPTIONS))
+
+
+def train_index_batches(num_examples: int, global_batch_size: int, shuffle_seed: int,
+                        process_index: int, process_count: int) -> grain.MapDataset:
+  """Infinite dataset whose element t is this process's example indices of step t.
+
+  Each epoch is a fresh permutation of range(num_examples), cut to whole global batches.
+  """
+  local = _local_batch_size(global_batch_size, process_count)
+  steps_per_epoch = num_examples // global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{num_examples} training examples make no global batch of "
+                     f"{global_batch_size}")
+  ds = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed)
+  ds = ds[:steps_per_epoch * global_batch_size]  # per-epoch drop_remainder
+  return ds.batch(local)[process_index::process_count].repeat()
 
 
 class _EvalGather:
@@ -128,11 +138,18 @@ def eval_batches_of_arrays(images: np.ndarray, labels: np.ndarray, *, batch_size
                            process_index: int = 0, process_count: int = 1):
   """Iterable over this process's slices of global batches covering `images` once, in order;
   the last batch is zero-padded to `batch_size` with weight 0."""
+  ds = eval_position_batches(len(labels), batch_size, process_index, process_count)
+  return ds.map(_EvalGather(images, labels)).to_iter_dataset(READ_OPTIONS)
+
+
+def eval_position_batches(num_examples: int, batch_size: int, process_index: int,
+                          process_count: int) -> grain.MapDataset:
+  """This process's positions of the global batches covering range(num_examples) once, in
+  order; positions >= num_examples pad the last batch."""
   local = _local_batch_size(batch_size, process_count)
-  num_batches = math.ceil(len(labels) / batch_size)
+  num_batches = math.ceil(num_examples / batch_size)
   ds = grain.MapDataset.range(num_batches * batch_size).batch(local)
-  ds = ds[process_index::process_count].map(_EvalGather(images, labels))
-  return ds.to_iter_dataset(_READ_OPTIONS)
+  return ds[process_index::process_count]
 
 
 def make_eval_batches(name: str, *, batch_size: int, split: str = "test",

@@ -23,7 +23,7 @@ class DatasetInfo:
   num_train: int
   num_test: int
   num_classes: int
-  image_shape: tuple  # (H, W, C)
+  input_shape: tuple  # of one example: (H, W, C) images, (seqlen - 1,) token windows
   mean: tuple  # per channel, of pixels scaled to [0, 1]
   std: tuple
 
@@ -184,9 +184,9 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
     shape = formats.read_idx_shape(train_images)
     num_train = formats.read_idx_shape(train_labels)[0]
     num_test = formats.read_idx_shape(test_labels)[0]
-    image_shape = tuple(shape[1:]) + (1,)
+    input_shape = tuple(shape[1:]) + (1,)
   else:  # the pickles hold no header: load (cached, the run needs them next anyway)
     num_train = len(_load(name, "train", directory)[1])
     num_test = len(_load(name, "test", directory)[1])
-    image_shape = (32, 32, 3)
-  return DatasetInfo(num_train, num_test, spec.num_classes, image_shape, spec.mean, spec.std)
+    input_shape = (32, 32, 3)
+  return DatasetInfo(num_train, num_test, spec.num_classes, input_shape, spec.mean, spec.std)

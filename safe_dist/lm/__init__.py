@@ -1,0 +1,1 @@
+"""Language models: fetched assets, tokenizers, pretrained weights (Hugging Face, GGUF)."""
