@@ -103,13 +103,16 @@ def experiment_to_evaluate(workdir: str):
 
 
 def _print_clean(results: dict) -> None:
-  print(f"dense (trained x): accuracy {results['dense']['accuracy']:.2%}, "
-        f"loss {results['dense']['loss']:.4f}")
-  print(f"{'sparsity':>9} {'zeros':>8} {'accuracy':>9} {'after BN recal.':>16}")
+  dense = results["dense"]
+  print(f"dense (trained x): accuracy {dense['accuracy']:.2%}, loss {dense['loss']:.4f}"
+        + (f", perplexity {dense['perplexity']:.4f}" if "perplexity" in dense else ""))
+  print(f"{'sparsity':>9} {'zeros':>8} {'accuracy':>9} {'after BN recal.':>16} "
+        f"{'perplexity':>11}")
   for s, row in results["projected"].items():
-    recal = row.get("accuracy_bn_recalibrated")
+    recal, ppl = row.get("accuracy_bn_recalibrated"), row.get("perplexity")
     print(f"{s:>9} {row['weight_sparsity']:>8.2%} {row['accuracy']:>9.2%} "
-          f"{'-' if recal is None else f'{recal:.2%}':>16}")
+          f"{'-' if recal is None else f'{recal:.2%}':>16} "
+          f"{'-' if ppl is None else f'{ppl:.4f}':>11}")
 
 
 def _print_corrupt(results: dict) -> None:
@@ -163,6 +166,10 @@ def main(argv):
   checkpointer = None
   try:
     experiment = experiment_to_evaluate(workdir)
+    if experiment.task != "classification" and FLAGS.mode != "clean":
+      raise ValueError(f"--mode {FLAGS.mode} evaluates image classifiers; the run in --workdir "
+                       f"is a {experiment.task} model: use --mode clean, or python -m "
+                       "safe_dist.lm_eval --model WORKDIR for perplexity on other text")
     run = run_setup.setup(experiment)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     step = checkpointer.latest_step()

@@ -127,13 +127,14 @@ def final_network(run: Run, state: TrainState, should_stop: StopFn = _never) -> 
 
 def projected_accuracies(run: Run, state: TrainState, sparsities,
                          should_stop: StopFn = _never) -> dict:
-  """{f"{s:g}": row} for Proj_s(x): weight sparsity, accuracy, and after BN re-calibration."""
+  """{f"{s:g}": row} for Proj_s(x): weight sparsity, accuracy (and perplexity for language
+  models), and accuracy after BN re-calibration."""
   rows = {}
   for s in dict.fromkeys(float(s) for s in sparsities):
     projected = run.project(state.params, s)
+    rates = evaluate(run, projected, state.batch_stats, should_stop=should_stop)
     row = {"weight_sparsity": float(weight_sparsity(projected)),
-           "accuracy": evaluate(run, projected, state.batch_stats,
-                                should_stop=should_stop)["accuracy"]}
+           **{k: rates[k] for k in ("accuracy", "perplexity") if k in rates}}
     if state.batch_stats:
       stats = recalibrate_batch_stats(run, projected, state.batch_stats, should_stop)
       row["accuracy_bn_recalibrated"] = evaluate(run, projected, stats,

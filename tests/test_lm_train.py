@@ -67,6 +67,14 @@ def test_lm_eval_on_the_workdir_reproduces_the_run_perplexity(debug_run, tmp_pat
   assert "hard-projected" in result["network"]
 
 
+def test_image_evaluations_refuse_a_language_model_run(debug_run, tmp_path):
+  workdir, _ = debug_run
+  proc = run_module("safe_dist.eval", ["--workdir", str(workdir), "--mode", "corrupt"],
+                    cwd=tmp_path)
+  assert proc.returncode == 2 and "lm_eval" in proc.stderr, proc.stderr[-2000:]
+  assert not (workdir / "eval_corrupt.json").exists()
+
+
 def test_lm_eval_refuses_bad_flags_before_any_work(tmp_path):
   for args, flag in ((["--seqlen", "1"], "--seqlen"), (["--split", "dev"], "--split"),
                      (["--mesh", "2x2"], "--mesh"), (["--text_file", "nope.txt"], "--text_file")):
