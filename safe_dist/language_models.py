@@ -3,16 +3,18 @@
 A model becomes a `Run` of an experiment that describes it (task next_token, `--model llama`
 with the model's architecture), so that evaluation reuses the trainer's jitted, sharded eval
 step, meshes and shardings. Accepted `--model` values: a run's workdir (its final network),
-or whatever `safe_dist.lm.pretrained` loads (a named model, an HF directory, a GGUF file).
+a pruned model written by `prune_lm`, or whatever `safe_dist.lm.pretrained` loads (a named model, an HF directory, a GGUF file).
 """
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import flags
 
 from safe_dist import evaluation
@@ -27,6 +29,8 @@ from safe_dist.models.llama import LlamaConfig
 from safe_dist.sparsity import SparsifierConfig
 
 FLAGS = flags.FLAGS
+PRUNED_MODEL_FILE = "model.json"  # a pruned model written by `prune_lm`
+PARAMS_DIR = "params"
 
 
 def define_mesh_flags() -> None:
@@ -95,11 +99,36 @@ def _from_workdir(workdir: str, mesh_cfg, batch_size: int) -> LanguageModel:
                        f"{workdir} step {step}: {network.description['network']}")
 
 
+def save_pruned(directory: str, model: LanguageModel, params, record: dict) -> None:
+  """Writes a pruned model: `model.json` (architecture, tokenizer, `record`) and the params
+  as an orbax checkpoint (`params/`), which `load` reads back onto any mesh."""
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
+  workdir_lib.write_json(os.path.join(directory, PRUNED_MODEL_FILE), {
+      "llama": dataclasses.asdict(model.run.exp.model.llama), "tokenizer": model.tokenizer,
+      **record})
+
+
+def _from_pruned(directory: str, mesh_cfg, batch_size: int) -> LanguageModel:
+  with open(os.path.join(directory, PRUNED_MODEL_FILE)) as f:
+    record = json.load(f)
+  config = LlamaConfig(**record["llama"])
+  exp = describing_experiment(config, record["tokenizer"], mesh_cfg, batch_size)
+  run = run_setup.setup(exp, info=run_setup.shapes_only_info(exp))
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), run.abstract_state.params)
+  return LanguageModel(run, params, record["tokenizer"],
+                       f"{directory}: {record.get('description', 'pruned')}")
+
+
 def load(name_or_path: str, mesh_cfg: sharding.MeshConfig, batch_size: int = 8) -> LanguageModel:
   """The model `name_or_path` on the mesh of `mesh_cfg` (see the module docstring)."""
   batch_size = _batch_multiple(batch_size, mesh_cfg)
   if os.path.isfile(os.path.join(name_or_path, workdir_lib.EXPERIMENT_FILE)):
     return _from_workdir(os.path.abspath(name_or_path), mesh_cfg, batch_size)
+  if os.path.isfile(os.path.join(name_or_path, PRUNED_MODEL_FILE)):
+    return _from_pruned(os.path.abspath(name_or_path), mesh_cfg, batch_size)
   loaded = pretrained.load_pretrained(name_or_path, sharding.make_mesh(mesh_cfg))
   exp = describing_experiment(loaded.config, name_or_path, mesh_cfg, batch_size)
   run = run_setup.setup(exp, info=run_setup.shapes_only_info(exp))
