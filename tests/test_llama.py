@@ -1,8 +1,6 @@
 """The LLaMA decoder in the trainer's machinery: its parameters follow the sharding rules, and a
 forward pass and SAFE train steps on sharded meshes of 8 fake devices equal the 1-device ones."""
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
