@@ -61,7 +61,17 @@ def _prune(model_dir, mesh_cfg, method, n_m):
 def test_sharded_block_loop_equals_one_device_and_hits_the_target(tiny_model, method, n_m):
   one, one_reports = _prune(tiny_model, sharding.MeshConfig(data=1), method, n_m)
   eight, _ = _prune(tiny_model, sharding.MeshConfig(data=2, fsdp=2, tensor=2), method, n_m)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), eight, one)
+  if method.startswith("safe"):
+    # Up to Adam's float noise: a tiny gradient whose rounding flips its sign moves a weight
+    # by up to lr per step either way, which can swap a near-tie at the mask's threshold.
+    steps = SAFE.epochs * 16 // SAFE.batch_size
+    for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one)):
+      both = (a != 0) & (b != 0)
+      assert np.mean((a == 0) != (b == 0)) <= 0.01
+      np.testing.assert_allclose(a[both], b[both], atol=steps * SAFE.learning_rate, rtol=1e-4)
+  else:  # the same decisions and weights
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a == 0, b == 0), eight, one)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), eight, one)
   overall, per_kernel = pruner.kernel_sparsity(one)
   assert len(per_kernel) == 2 * 7 and overall == 0.5
   assert all(v == 0.5 for v in per_kernel.values())
