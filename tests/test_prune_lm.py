@@ -111,9 +111,7 @@ def test_prune_lm_writes_a_model_lm_eval_reads_back(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("args,flag", [
     (["--sparsity_type", "3:8"], "--sparsity_type"),
-    (["--prune_method", "obs"], "--prune_method"),
     (["--nsamples", "12"], "--nsamples"),  # not a multiple of --batch_size 8
-    (["--prune_method", "wanda", "--activation"], "--activation"),
 ])
 def test_bad_flags_stop_before_any_work(tmp_path, args, flag):
   proc = run_module("safe_dist.prune_lm", ["--model", "smollm2-135m", "--out",

@@ -8,6 +8,9 @@ optimisation of a block is one jitted loop over device-resident calibration data
 
 One deliberate difference from the official code: the proximal term lambda (w - z + u) is
 taken at the unperturbed w, as Algorithm 1 writes it (the official code takes it at w + e).
+As the sparsity package does it: SAM's norm is one norm over all trainable block
+parameters (norm scales included), and SAFE+'s z0 = Proj(w0) ranks |w0| (its importance
+enters from the first dual update on).
 
 Example:
   >>> block = DecoderBlock(config)
@@ -161,6 +164,8 @@ def make_block_pruner(block_apply: Callable, cfg: SafeBlockConfig, *,
   param_shardings: NamedShardings like `params` (the kernels' projections then run per
   shard); data_sharding: of inputs and targets, batch over the data axes.
   finish: False returns the trained weights before the final projection (tests, diagnostics).
+  From dense targets (loss 0) the first gradients are rounding noise that Adam scales up:
+  runs that round differently (another mesh) agree only to ~1e-3 in the weights.
   stats: "loss" (steps,) the batch MSE at every step (before its update); "mse_trained" and
   (finish) "mse" the MSE over all calibration samples before and after the projection.
   """
