@@ -70,7 +70,10 @@ def test_run_leaves_summary_events_config_and_checkpoint(finished_run):
 
 def test_one_device_and_eight_devices_give_the_same_run(tmp_path):
   assert jax.device_count() == 8
-  exp = debug_experiment(**{"train.max_steps": 10, "train.bnt_sample_size": 0})
+  # The debug run's 24 steps: the eight-device programs are `finished_run`'s, compiled once.
+  # The Hessian probes are off: their numbers are not compared here (test_sharpness.py
+  # compares sharded and unsharded probes) and they would compile twice more.
+  exp = debug_experiment(**{"train.bnt_sample_size": 0, "train.sharpness_every_epochs": 0})
   single = replace(exp, "mesh", data=1, num_devices=1)
   results = {}
   for name, e in (("one", single), ("eight", exp)):
@@ -154,6 +157,11 @@ def test_batch_norm_statistics_are_global_batch_statistics():
 
   one = run_setup.setup(replace(exp, "mesh", data=1, num_devices=1))
   eight = run_setup.setup(replace(exp, "mesh", data=8))
+  # One initial state for both meshes (the 8-device copy placed by its shardings): the same
+  # start by construction, and the initialisation is compiled once (it costs as much as the
+  # train step).
+  initial = one.init(0)
+  eight.init = lambda seed: jax.device_put(initial, eight.state_shardings)
   reference, reordered, sharded = one_step(one, batch), one_step(one, permuted), one_step(
       eight, batch)
   assert sharded[2] == pytest.approx(reference[2], rel=1e-5)
@@ -175,13 +183,13 @@ def _stop_inside(function_name: str):
 def test_default_budget_skips_a_measurement_that_costs_too_much(tmp_path, caplog):
   """With the default 5% share, a Hessian probe on a batch 16x the train batch (one product
   costs more than the budget) is skipped with a logged reason, before compiling."""
-  exp = debug_experiment(**{"train.monitoring_share": 0.05, "train.max_steps": 16,
-                            "train.sharpness_batch_size": 512, "train.bnt_sample_size": 0})
+  exp = debug_experiment(**{"train.monitoring_share": 0.05, "train.sharpness_batch_size": 512,
+                            "train.bnt_sample_size": 0})
   caplog.set_level("INFO")
   summary = trainer.train_and_evaluate(exp, str(tmp_path))
-  assert summary["steps"] == 16
+  assert summary["steps"] == 24
   skipped = [r.getMessage() for r in caplog.records if "skipped (one Hessian" in r.getMessage()]
-  assert len(skipped) == 2, skipped  # x and Proj(x) at step 16 (the end)
+  assert len(skipped) == 4, skipped  # x and Proj(x) at step 16 and at step 24 (the end)
   assert "(estimated)" in skipped[0]
   scalars = read_scalars(os.path.join(str(tmp_path), "tensorboard"))
   assert not any(tag.startswith("sharpness/hessian") for tag in scalars)
@@ -191,14 +199,17 @@ def test_default_budget_skips_a_measurement_that_costs_too_much(tmp_path, caplog
 def test_stop_during_a_long_phase_ends_it_and_keeps_the_checkpoint(tmp_path, phase):
   """A stop signal during the Hessian probe, an evaluation or the final phase ends the run
   at once with the last step checkpointed; the same command then finishes the run."""
-  exp = debug_experiment(**{"train.max_steps": 16, "train.bnt_sample_size": 0})
+  exp = debug_experiment(**{"train.bnt_sample_size": 0})  # 24 steps: `finished_run`'s programs
   workdir = str(tmp_path)
-  # The debug config evaluates and measures every half epoch (16 steps), so at the end here.
+  # The debug config evaluates and measures every half epoch (16 steps), mid-run here; the
+  # final phase comes after step 24. The in-loop checkpoint of step 16 comes after the
+  # evaluation and the probe: a stop inside them must save step 16 itself.
+  stopped_at = 24 if phase == "finalize" else 16
   out = trainer.train_and_evaluate(exp, workdir, stop_requested=_stop_inside(phase))
-  assert out == {"interrupted_at_step": 16}
+  assert out == {"interrupted_at_step": stopped_at}
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert checkpointer.latest_step() == 16
+  assert checkpointer.latest_step() == stopped_at
   checkpointer.close()
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   summary = trainer.train_and_evaluate(exp, workdir)
-  assert summary["steps"] == 16
+  assert summary["steps"] == 24
