@@ -127,6 +127,19 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_last(workdir: str, abstract_state: Any, missing: str) -> tuple[int, Any]:
+  """(step, state) of the latest checkpoint of the run in `workdir`, for reading it (evaluate,
+  export, load); ValueError(`missing`) when the run has none."""
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(missing)
+    return step, checkpointer.restore(step, abstract_state)
+  finally:
+    checkpointer.close()
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with the target shardings: the restore target for any mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -33,13 +33,13 @@ from absl import app
 from absl import flags as absl_flags
 
 from safe_dist import attacks
+from safe_dist import checkpointing
 from safe_dist import corruptions as corruptions_lib
 from safe_dist import distributed
 from safe_dist import evaluation
 from safe_dist import flags
 from safe_dist import run_setup
 from safe_dist import workdir as workdir_lib
-from safe_dist.checkpointing import Checkpointer
 
 FLAGS = absl_flags.FLAGS
 _CONFIG = flags.define_flags()
@@ -163,7 +163,6 @@ def main(argv):
     flags.fail(str(e))
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   workdir = os.path.abspath(FLAGS.workdir)
-  checkpointer = None
   try:
     experiment = experiment_to_evaluate(workdir)
     if experiment.task != "classification" and FLAGS.mode != "clean":
@@ -171,18 +170,12 @@ def main(argv):
                        f"is a {experiment.task} model: use --mode clean, or python -m "
                        "safe_dist.lm_eval --model WORKDIR for perplexity on other text")
     run = run_setup.setup(experiment)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f"--workdir {FLAGS.workdir} holds no checkpoint")
-    state = checkpointer.restore(step, run.abstract_state)
+    step, state = checkpointing.restore_last(workdir, run.abstract_state,
+                                             f"--workdir {FLAGS.workdir} holds no checkpoint")
     stop = distributed.StopCheck(flags.StopOnSignal())
     results, show = evaluate_checkpoint(run, state, stop)
   except (ValueError, FileNotFoundError, distributed.Interrupted) as e:
-    if checkpointer is not None:
-      checkpointer.close()
     flags.fail(str(e))
-  checkpointer.close()
   results = {"step": step, "mode": FLAGS.mode, **results}
   workdir_lib.write_json(os.path.join(workdir, f"eval_{FLAGS.mode}.json"), results)
   if distributed.is_main_process():

@@ -66,6 +66,7 @@ _FLAG_PATHS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dual_update_interval": ("sparsifier.dual_update_interval", int),
     "sp_schedule": ("sparsifier.sp_schedule", str),
     "rho": ("sparsifier.rho", float),
+    "sam_group_size": ("sparsifier.sam_group_size", int),
     "importance": ("sparsifier.importance", str),
     "sharpness_every": ("train.sharpness_every_epochs", float),
     "eval_sparsities": ("eval_sparsities", _parse_sparsities),
@@ -86,7 +87,8 @@ def define_flags() -> Any:
   flags.DEFINE_integer("checkpoint_every_steps", None, "Step interval for checkpointing "
                        "(overrides --checkpoint_every_epoch; for long epochs).")
   flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
-  flags.DEFINE_bool("half_precision", False, "Compute in bfloat16 (parameters stay float32).")
+  flags.DEFINE_bool("half_precision", False, "Compute in bfloat16 (parameters, SAFE's z and u "
+                    "and the optimizer state stay float32).")
   flags.DEFINE_bool("debug", False, "One device, a small slice of the data, a few steps, NaN "
                     "checks on, logging every step.")
   flags.DEFINE_string("data_dir", None, "Dataset directory (default: $SAFE_DATA_DIR, then the "
@@ -117,6 +119,10 @@ def define_flags() -> Any:
   flags.DEFINE_string("sp_schedule", "cubic", "Gradual sparsity schedule of GMP and IHT "
                       "(constant, linear, cosine, cubic).")
   flags.DEFINE_float("rho", 0.1, "SAM radius rho of SAFE.")
+  flags.DEFINE_integer("sam_group_size", 0, "m-sharpness: one SAM perturbation per group of m "
+                       "examples of the global batch (0: one for the whole batch). m must "
+                       "split the batch into a number of groups divisible by mesh.data, and "
+                       "mesh.fsdp must divide m.")
   flags.DEFINE_string("importance", "activation",
                       "SAFE+ importance P: activation (input norms, Wanda-style) or grad_sq.")
   flags.DEFINE_float("sharpness_every", 10.0, "Epochs between Hessian eigenvalue/trace "

@@ -17,11 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
 
+from safe_dist import checkpointing
 from safe_dist import evaluation
 from safe_dist import run_setup
 from safe_dist import sharding
 from safe_dist import workdir as workdir_lib
-from safe_dist.checkpointing import Checkpointer
 from safe_dist.data import text
 from safe_dist.experiment import DataConfig, Experiment, ModelConfig, TrainConfig
 from safe_dist.lm import pretrained
@@ -86,14 +86,8 @@ def _from_workdir(workdir: str, mesh_cfg, batch_size: int) -> LanguageModel:
   exp = dataclasses.replace(exp, mesh=mesh_cfg, train=dataclasses.replace(
       exp.train, eval_batch_size=batch_size))
   run = run_setup.setup(exp, info=run_setup.shapes_only_info(exp))
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f"--model {workdir}: the run there has no checkpoint yet")
-    state = checkpointer.restore(step, run.abstract_state)
-  finally:
-    checkpointer.close()
+  step, state = checkpointing.restore_last(
+      workdir, run.abstract_state, f"--model {workdir}: the run there has no checkpoint yet")
   network = evaluation.final_network(run, state)
   return LanguageModel(run, network.params, exp.data.tokenizer,
                        f"{workdir} step {step}: {network.description['network']}")

@@ -4,7 +4,9 @@
 
 Writes accuracy_vs_sparsity.png, training_curves.png and report.md to DIR (default: the
 first workdir's `report/`). Only these three files are written; existing ones are replaced,
-and each replacement is reported.
+and each replacement is reported. Runs whose experiments (experiment.json) differ only by
+`train.seed` form one group: report.md gets a table of mean +- std over the seeds of each
+group, and the plot shows each group's mean with its std as an error bar.
 """
 
 import argparse
@@ -17,6 +19,15 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from safe_dist import workdir as workdir_lib
+
+SEED_KEY = "train.seed"
+# Experiment fields that have their own columns in the tables.
+METHOD_KEYS = ("sparsifier.name", "sparsifier.sparsity")
+# (summary key, column) of the per-group table: mean +- std over the seeds.
+GROUP_METRICS = (("val_accuracy", "accuracy (%)"),
+                 ("val_accuracy_before_projection", "accuracy of x before projection (%)"),
+                 ("weight_sparsity", "measured sparsity (%)"))
 SUMMARY_FILE = "summary.json"
 ACCURACY_PNG = "accuracy_vs_sparsity.png"
 CURVES_PNG = "training_curves.png"
@@ -37,6 +48,34 @@ class Run(NamedTuple):
   workdir: str
   summary: dict
   scalars: dict  # tag -> (steps, values), sorted by step
+  experiment: dict  # the record of experiment.json ({} where there is none)
+
+
+class SeedGroup(NamedTuple):
+  """Runs of one experiment that differ only by seed (a run without experiment.json is a
+  group of its own)."""
+  runs: list
+  setting: dict  # values of the fields, other than method and sparsity, that vary by group
+
+  def values(self, key: str) -> np.ndarray:
+    return np.array([r.summary[key] for r in self.runs if r.summary.get(key) is not None],
+                    dtype=float)
+
+  def mean_std(self, key: str) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (ddof=1) over the runs that have `key`; the std
+    is None with fewer than two values, both are None with none."""
+    values = self.values(key)
+    if not len(values):
+      return None, None
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
+
+  @property
+  def summary(self) -> dict:
+    return self.runs[0].summary
+
+  @property
+  def seeds(self) -> list:
+    return [r.experiment.get(SEED_KEY, "?") for r in self.runs]
 
 
 def load_scalars(workdir: str) -> dict:
@@ -67,7 +106,40 @@ def load_run(workdir: str, name: str) -> Run:
       summary = json.load(f)
   else:
     print(f"warning: {path} not found; {name} has curves only", file=sys.stderr)
-  return Run(name, workdir, summary, load_scalars(workdir))
+  return Run(name, workdir, summary, load_scalars(workdir),
+             workdir_lib.read_record(workdir) or {})
+
+
+def _differences(a: Run, b: Run) -> Optional[set]:
+  """Experiment fields in which two runs differ (resumable ones aside); None: unknown. Both
+  ways round: a field one record lacks (written before the field existed) counts as its
+  default."""
+  if not a.experiment or not b.experiment:
+    return None
+  return (set(workdir_lib.differences(a.experiment, b.experiment))
+          & set(workdir_lib.differences(b.experiment, a.experiment)))
+
+
+def _differ_only_by_seed(a: Run, b: Run) -> bool:
+  differ = _differences(a, b)
+  return differ is not None and differ <= {SEED_KEY}
+
+
+def seed_groups(runs: list[Run]) -> list[SeedGroup]:
+  """The runs grouped by experiment up to the seed, in order of first appearance."""
+  groups: list[list[Run]] = []
+  for run in runs:
+    home = next((g for g in groups if _differ_only_by_seed(g[0], run)), None)
+    if home is None:
+      groups.append([run])
+    else:
+      home.append(run)
+  varying = set()
+  for i, a in enumerate(groups):
+    for b in groups[i + 1:]:
+      varying |= _differences(a[0], b[0]) or set()
+  varying = sorted(varying - {SEED_KEY, *METHOD_KEYS})
+  return [SeedGroup(g, {k: g[0].experiment.get(k) for k in varying}) for g in groups]
 
 
 def run_names(workdirs: list[str]) -> list[str]:
@@ -87,25 +159,33 @@ def _pyplot():
   return plt
 
 
-def plot_accuracy_vs_sparsity(runs: list[Run], path: str) -> bool:
-  """Final val_accuracy against target_sparsity, one series per sparsifier; False if no data."""
+def _group_label(group: SeedGroup) -> str:
+  return ", ".join([group.summary.get("sparsifier", "?"),
+                    *(f"{k}={v}" for k, v in group.setting.items())])
+
+
+def plot_accuracy_vs_sparsity(groups: list[SeedGroup], path: str) -> bool:
+  """Final val_accuracy against target_sparsity, one series per sparsifier (and setting), the
+  mean over seeds with the std as an error bar; False if no data."""
   series = defaultdict(list)
-  for r in runs:
-    s = r.summary
-    if s.get("target_sparsity") is not None and s.get("val_accuracy") is not None:
-      series[s.get("sparsifier", "?")].append((100 * s["target_sparsity"],
-                                               100 * s["val_accuracy"]))
+  for g in groups:
+    mean, std = g.mean_std("val_accuracy")
+    if g.summary.get("target_sparsity") is not None and mean is not None:
+      series[_group_label(g)].append((100 * g.summary["target_sparsity"], 100 * mean,
+                                      100 * (std or 0.0)))
   if not series:
     return False
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.8))
   markers = "osD^vP*X"
-  for i, (sparsifier, points) in enumerate(sorted(series.items())):
-    x, y = zip(*sorted(points))
-    ax.plot(x, y, marker=markers[i % len(markers)], markersize=7, linewidth=1.5, label=sparsifier)
+  for i, (label, points) in enumerate(sorted(series.items())):
+    x, y, err = zip(*sorted(points))
+    ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], markersize=7,
+                linewidth=1.5, capsize=4, label=label)
   ax.set_xlabel("target sparsity (%)")
   ax.set_ylabel("final validation accuracy (%)")
-  ax.set_title("Accuracy vs sparsity")
+  seeds = max(len(g.runs) for g in groups)
+  ax.set_title("Accuracy vs sparsity" + (" (mean +- std over seeds)" if seeds > 1 else ""))
   ax.grid(True, alpha=0.3)
   ax.legend(title="sparsifier")
   fig.tight_layout()
@@ -151,6 +231,31 @@ def _pct(value) -> str:
   return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def mean_std_text(mean: Optional[float], std: Optional[float]) -> str:
+  """Percent, two decimals: "91.23 ± 0.45" (a single value: "91.23")."""
+  if mean is None:
+    return "-"
+  return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def group_table(groups: list[SeedGroup]) -> list[str]:
+  """Markdown lines: one row per group, mean ± std over its seeds."""
+  setting = list(groups[0].setting)
+  header = ["sparsifier", "target sparsity", *setting, "seeds",
+            *(column for _, column in GROUP_METRICS)]
+  lines = ["| " + " | ".join(header) + " |",
+           "|---|---:|" + "---|" * len(setting) + "---|" + "---:|" * len(GROUP_METRICS)]
+  order = lambda g: (g.summary.get("sparsifier", ""), g.summary.get("target_sparsity", 0),
+                     str(list(g.setting.values())))
+  for g in sorted(groups, key=order):
+    cells = [g.summary.get("sparsifier", "-"), _pct(g.summary.get("target_sparsity")),
+             *(str(v) for v in g.setting.values()),
+             f"{len(g.runs)} ({', '.join(str(s) for s in g.seeds)})",
+             *(mean_std_text(*g.mean_std(key)) for key, _ in GROUP_METRICS)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def markdown(runs: list[Run], pngs: list[str]) -> str:
   lines = ["# SAFE pruning report", "",
            "| run | model | dataset | sparsifier | target sparsity | measured sparsity "
@@ -165,6 +270,11 @@ def markdown(runs: list[Run], pngs: list[str]) -> str:
         f"| {s.get('steps', '-')} |")
   lines += ["", "Accuracy: validation accuracy of the final, projected and BN-recalibrated "
             "network. Runs: " + ", ".join(f"`{r.name}` = `{r.workdir}`" for r in runs) + "."]
+  groups = seed_groups([r for r in runs if r.summary])
+  if any(len(g.runs) > 1 for g in groups):
+    lines += ["", "## Mean ± std over seeds", "",
+              "Runs whose experiments differ only by `train.seed`; std is the sample standard "
+              "deviation (ddof=1), left out for a single run.", "", *group_table(groups)]
   for png in pngs:
     title = os.path.splitext(png)[0].replace("_", " ")
     lines += ["", f"## {title}", "", f"![{title}]({png})", "", f"[{png}]({png})"]
@@ -187,7 +297,7 @@ def write_report(workdirs: list[str], out_dir: Optional[str] = None) -> str:
     return path
 
   pngs = []
-  if plot_accuracy_vs_sparsity(runs, target(ACCURACY_PNG)):
+  if plot_accuracy_vs_sparsity(seed_groups(runs), target(ACCURACY_PNG)):
     pngs.append(ACCURACY_PNG)
   if plot_training_curves(runs, target(CURVES_PNG)):
     pngs.append(CURVES_PNG)

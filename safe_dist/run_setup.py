@@ -90,6 +90,24 @@ def validate(exp: Experiment, mesh) -> None:
   if exp.train.batch_size % jax.process_count():
     raise ValueError(f"--batch_size {exp.train.batch_size} must be divisible by the number of "
                      f"processes {jax.process_count()}")
+  sam_group_size(exp, mesh)
+
+
+def sam_group_size(exp: Experiment, mesh) -> int:
+  """m of m-sharpness (--sam_group_size), 0 for one perturbation for the whole batch (also
+  when m is the batch); ValueError naming the flag and the allowed values if the groups do
+  not lay out over the mesh (`sharding.GroupLayout`)."""
+  m, batch = exp.sparsifier.sam_group_size, exp.train.batch_size
+  if m in (0, batch):
+    return 0
+  allowed = sharding.sam_group_sizes(batch, mesh)
+  if m not in allowed:
+    raise ValueError(
+        f"--sam_group_size {m} must be 0 or --batch_size {batch}, or split the batch into "
+        f"groups laid out over the mesh (a number of groups divisible by mesh.data = "
+        f"{mesh.shape['data']}, m divisible by mesh.fsdp = {mesh.shape['fsdp']}); allowed: "
+        f"{', '.join(str(v) for v in (0, *allowed, batch))}")
+  return m
 
 
 def shapes_only_info(exp: Experiment) -> data_lib.DatasetInfo:
@@ -136,8 +154,11 @@ def setup(exp: Experiment, devices=None, info: Optional[data_lib.DatasetInfo] = 
 
   batch_spec = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
+  group_size = sam_group_size(exp, mesh)
+  sam_groups = (sharding.GroupLayout(exp.train.batch_size // group_size, mesh, param_shardings)
+                if group_size else None)
   train_step = jax.jit(
-      steps_lib.make_train_step(model, task, tx, exp.sparsifier.needs_input_norms),
+      steps_lib.make_train_step(model, task, tx, exp.sparsifier.needs_input_norms, sam_groups),
       in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
   eval_step = jax.jit(steps_lib.make_eval_step(model, task),

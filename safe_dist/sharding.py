@@ -18,6 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_AXES = ("data", "fsdp")  # the global batch is split over both
+# m-sharpness (`GroupLayout`): groups of the batch over `data`, a group's examples over `fsdp`
+# (so that the per-group parameter copies keep the parameters' fsdp sharding).
+GROUP_AXIS, GROUP_MEMBER_AXIS = DATA_AXES
 
 LOGICAL_RULES = (
     ("batch", DATA_AXES),
@@ -86,6 +89,44 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def sam_group_sizes(batch_size: int, mesh: Mesh) -> tuple[int, ...]:
+  """The group sizes m that m-sharpness can lay out (`GroupLayout`), besides the whole batch:
+  m divides the batch into a number of groups divisible by `data`, and `fsdp` divides m."""
+  return tuple(m for m in range(1, batch_size) if batch_size % m == 0
+               and (batch_size // m) % mesh.shape[GROUP_AXIS] == 0
+               and m % mesh.shape[GROUP_MEMBER_AXIS] == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+  """Where m-sharpness puts its groups: the global batch as `num_groups` groups of m examples,
+  the group axis over `data` and a group's examples over `fsdp`. Per-group copies of the
+  parameters (the perturbed points, the groups' gradients) add the group axis over `data` to
+  their parameter's own sharding: each device holds the copies of its own groups only.
+
+  mesh None: no constraints (one device).
+  """
+  num_groups: int
+  mesh: Optional[Mesh] = None
+  param_shardings: Any = None
+
+  def split(self, batch: dict) -> dict:
+    """Every leaf (B, ...) as (num_groups, B / num_groups, ...)."""
+    split = {k: v.reshape(self.num_groups, -1, *v.shape[1:]) for k, v in batch.items()}
+    if self.mesh is None:
+      return split
+    spec = NamedSharding(self.mesh, P(GROUP_AXIS, GROUP_MEMBER_AXIS))
+    return jax.lax.with_sharding_constraint(split, jax.tree.map(lambda _: spec, split))
+
+  def spread(self, stacked: Any) -> Any:
+    """A tree like the params with a leading group axis, constrained to the copies' layout."""
+    if self.mesh is None:
+      return stacked
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(self.mesh, P(GROUP_AXIS, *s.spec)), self.param_shardings)
+    return jax.lax.with_sharding_constraint(stacked, shardings)
 
 
 def global_batch(mesh: Mesh, local_batch: dict) -> dict:

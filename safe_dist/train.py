@@ -70,7 +70,7 @@ def main(argv):
   start = time.time()
   try:
     summary = trainer.train_and_evaluate(experiment, FLAGS.workdir, stop_requested=stop)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, trainer.NonFiniteError) as e:
     flags.fail(str(e))
   if "interrupted_at_step" in summary:
     logging.warning("stopped by signal %s at step %d after a committed checkpoint; exiting "

@@ -28,6 +28,30 @@ from safe_dist.sparsity import sparse_iterate, weight_sparsity
 from safe_dist.train_state import TrainState
 
 
+# What every step returns that must stay finite: its loss and gradient norm (the step
+# diverged), and the norm of the new parameters (the update overflowed them; a checkpoint of
+# that state would be of no use).
+FINITE_METRICS = ("train/loss", "optim/grad_norm", "optim/param_norm")
+
+
+class NonFiniteError(FloatingPointError):
+  """A step returned a non-finite loss, gradient norm or parameter norm (`step`: the first)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+def _check_finite(steps_and_metrics: list[tuple[int, Any]]) -> None:
+  """NonFiniteError naming the first step whose FINITE_METRICS are not all finite."""
+  values = jax.device_get([{k: m[k] for k in FINITE_METRICS if k in m}
+                           for _, m in steps_and_metrics])
+  for (step, _), named in zip(steps_and_metrics, values):
+    for name, value in named.items():
+      if not np.isfinite(value):
+        raise NonFiniteError(f"{name} is {float(value)} at step {step}", step)
+
+
 def _make_train_iterator(exp: Experiment):
   return data_lib.train_iterator(
       exp.data, global_batch_size=exp.train.batch_size, seed=exp.train.seed,
@@ -177,10 +201,9 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
     if not ready:
       return
     fetched = jax.device_get([m for _, m in ready])
+    _check_finite([(s, m) for (s, _), m in zip(ready, fetched)])
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     step = ready[-1][0]
-    if tc.check_nans and not np.isfinite(mean["train/loss"]):
-      raise FloatingPointError(f"train/loss is {mean['train/loss']} at step {step}")
     mean["optim/lr"] = float(run.lr_fn(step - 1))
     rate = progress.step_rate(step)
     mean["perf/steps_per_sec"] = rate
@@ -192,32 +215,44 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, resume: bool = True,
   held_out = _held_out_batch(run) if plan.sharpness_every_steps else None
   step, interrupted, evaluated = start_step, False, {}
   try:
-    while step < plan.total_steps:
-      state, metrics = run.train_step(state, sharding.global_batch(run.mesh, next(train_iter)))
-      step += 1
-      progress.window_steps += 1
-      pending.append((step, metrics))
-      if step % tc.log_every_steps == 0:
-        flush_metrics(keep_last=True)
-      if plan.fires(step, plan.eval_every_steps):
-        flush_metrics(keep_last=False)
-        with progress.monitoring(state):
-          evaluated = {step: _log_evaluation(run, state, writer, step, should_stop)}
-      if plan.fires(step, plan.sharpness_every_steps):
-        flush_metrics(keep_last=False)
-        budget, hvp_estimate = _sharpness_budget(tc, progress)
-        with progress.monitoring(state):
-          _log_sharpness(run, state, writer, step, held_out, budget, hvp_estimate, should_stop)
-        progress.new_window()
-      if plan.fires(step, plan.checkpoint_every_steps):
-        checkpointer.save(step, state, train_iter)
-      if step < plan.total_steps and should_stop():
-        interrupted = True
-        break
-  except distributed.Interrupted as stop:
-    logging.warning("%s at step %d", stop, step)
-    interrupted = True
-  flush_metrics(keep_last=False)
+    try:
+      while step < plan.total_steps:
+        state, metrics = run.train_step(state, sharding.global_batch(run.mesh, next(train_iter)))
+        step += 1
+        progress.window_steps += 1
+        pending.append((step, metrics))
+        if step % tc.log_every_steps == 0:
+          flush_metrics(keep_last=True)
+        if plan.fires(step, plan.eval_every_steps):
+          flush_metrics(keep_last=False)
+          with progress.monitoring(state):
+            evaluated = {step: _log_evaluation(run, state, writer, step, should_stop)}
+        if plan.fires(step, plan.sharpness_every_steps):
+          flush_metrics(keep_last=False)
+          budget, hvp_estimate = _sharpness_budget(tc, progress)
+          with progress.monitoring(state):
+            _log_sharpness(run, state, writer, step, held_out, budget, hvp_estimate,
+                           should_stop)
+          progress.new_window()
+        if plan.fires(step, plan.checkpoint_every_steps):
+          _check_finite(pending)  # never a checkpoint of a diverged state
+          checkpointer.save(step, state, train_iter)
+        if step < plan.total_steps and should_stop():
+          interrupted = True
+          break
+    except distributed.Interrupted as stop:
+      logging.warning("%s at step %d", stop, step)
+      interrupted = True
+    flush_metrics(keep_last=False)
+  except NonFiniteError as e:
+    checkpointer.wait()  # the saves of finite states in flight are committed
+    last = checkpointer.latest_step()
+    checkpointer.close()
+    writer.close()
+    kept = (f"the last checkpoint, of step {last}, is finite and kept" if last is not None
+            else "no checkpoint was written")
+    raise NonFiniteError(f"training stopped: {e} (the first non-finite value); {kept}",
+                         e.step) from None
   if checkpointer.latest_step() != step:
     checkpointer.save(step, state, train_iter, force=True)
   checkpointer.wait()

@@ -48,9 +48,11 @@ def _is_resumable(key: str) -> bool:
 
 
 def differences(stored: dict, mine: dict) -> list[str]:
-  """The record keys whose values differ, other than the resumable ones."""
+  """The record keys whose values differ, other than the resumable ones. A key the stored
+  record lacks (a field added since it was written) counts as that field's default."""
+  defaults = experiment_record(Experiment())
   return sorted(k for k in set(stored) | set(mine)
-                if stored.get(k) != mine.get(k) and not _is_resumable(k))
+                if stored.get(k, defaults.get(k)) != mine.get(k) and not _is_resumable(k))
 
 
 def read_record(workdir: str) -> dict | None:

@@ -4,7 +4,8 @@ import json
 import os
 
 import numpy as np
-from safetensors.numpy import save_file
+
+from safe_dist.export.hf_checkpoint import save_tensors
 
 
 def hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -38,21 +39,10 @@ def random_weights(cfg, seed=0) -> dict[str, np.ndarray]:
 
 
 def write_hf(directory, cfg, weights, num_files=1) -> str:
-  """A Hugging Face checkpoint: config.json, one safetensors file or `num_files` shards with
-  an index."""
+  """A Hugging Face checkpoint: config.json, and the weights in one safetensors file or
+  `num_files` shards with an index (the exporter's writer, `hf_checkpoint.save_tensors`)."""
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(cfg, f)
-  if num_files == 1:
-    save_file(weights, os.path.join(directory, "model.safetensors"))
-    return str(directory)
-  names = sorted(weights)
-  weight_map = {}
-  for i in range(num_files):
-    file = f"model-{i + 1:05d}-of-{num_files:05d}.safetensors"
-    part = {n: weights[n] for n in names[i::num_files]}
-    save_file(part, os.path.join(directory, file))
-    weight_map.update({n: file for n in part})
-  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  save_tensors(str(directory), weights, num_files)
   return str(directory)

@@ -20,6 +20,8 @@ REFERENCE_COMMAND = ("--model VGG19-bn --dataset cifar10 --num_epochs 300 --spar
     (["--sparsifier", "prune"], "--sparsifier", "magnitude"),
     (["--lambda_schedule", "step"], "--lambda_schedule", "cosine"),
     (["--batch_size", "30", "--dataset", "synthetic"], "--batch_size", "divisible"),
+    (["--sam_group_size", "3", "--dataset", "synthetic"], "--sam_group_size 3",
+     "allowed: 0, 1, 2, 4, 8, 16, 128"),
     (["--config", "config:nonexistent"], "nonexistent", ""),
 ])
 def test_invalid_input_stops_before_any_work(tmp_path, args, flag, allowed):
@@ -90,7 +92,7 @@ def test_every_config_builds_and_every_fiddler_applies():
 
 
 @pytest.mark.slow
-def test_reference_command_runs_as_written_on_cifar10(tmp_path, monkeypatch):
+def test_reference_command_runs_as_written_on_cifar10(tmp_path):
   """The seed README's command (python -m safe_dist.train for python train.py), on a tiny
   CIFAR-10 in the real pickle format, cut to two steps of 8 examples so that VGG19-bn fits a
   CPU test (the reference flags themselves, batch size 128 included, are checked above; a
@@ -99,9 +101,6 @@ def test_reference_command_runs_as_written_on_cifar10(tmp_path, monkeypatch):
   from fake_datasets import write_cifar
   data_dir = tmp_path / "cifar"
   write_cifar(str(data_dir / "cifar-10-batches-py"), "cifar10", {"train": 52, "test": 40})
-  # Non-partitionable threefry: VGG19-bn's initialisation compiles several times faster on
-  # CPU; which random values it draws plays no part here.
-  monkeypatch.setenv("JAX_THREEFRY_PARTITIONABLE", "0")
   result = run_module("safe_dist.train",
                 ["--workdir=./logdir", *REFERENCE_COMMAND, "--data_dir", str(data_dir),
                  "--config", "set:train.max_steps=2", "--batch_size", "8",

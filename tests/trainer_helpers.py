@@ -5,8 +5,11 @@ import glob
 import os
 
 import fiddle as fdl
+import jax
+import jax.numpy as jnp
 
 import configs
+from safe_dist import sharding
 from safe_dist.experiment import Experiment
 
 
@@ -47,3 +50,13 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     for tag in acc.Tags()["scalars"]:
       out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
   return out
+
+
+def abstract_batch(run) -> dict:
+  """A train batch of `run` as sharded ShapeDtypeStructs (for tracing or lowering its step)."""
+  spec = sharding.batch_sharding(run.mesh)
+  b = run.exp.train.batch_size
+  if run.task.name == "next_token":
+    return {"tokens": jax.ShapeDtypeStruct((b, run.exp.data.seqlen), jnp.int32, sharding=spec)}
+  return {"image": jax.ShapeDtypeStruct((b, *run.info.input_shape), jnp.float32, sharding=spec),
+          "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=spec)}

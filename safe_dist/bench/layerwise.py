@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 
 from safe_dist import sharding
+from safe_dist.bench import peak_memory_line
 from safe_dist.layerwise import pruner
 from safe_dist.layerwise.safe_block import SafeBlockConfig
 from safe_dist.models.llama import DecoderBlock, Llama, LlamaConfig
@@ -69,6 +70,7 @@ def main(argv=None):
       jax.block_until_ready(out)
       seconds = time.perf_counter() - start
     print(f"{method:<10} {seconds:>9.2f} {error:>11.4g}", flush=True)
+  print(peak_memory_line())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from safe_dist.bench import peak_memory_line
 from safe_dist.sparsity.topk import prune_mask
 
 
@@ -83,6 +84,7 @@ def main(argv=None):
            t_sort / t_prune, t_part / t_prune)
     print("| {} | {:.2f} | {:.2f} | {:.1f} | {:.1f} | {:.1f} | {:.0f} | {:.2f} |".format(*row),
           flush=True)
+  print(peak_memory_line())
 
 
 if __name__ == "__main__":

@@ -9,5 +9,5 @@ from safe_dist.sparsity.projection import (Projection, prunable_leaves, prunable
                                            prunable_tree, stat_dtype, weight_sparsity)
 from safe_dist.sparsity.topk import SCOPES, prune_mask
 from safe_dist.sparsity.baselines import MaskState, gmp, iht, one_shot_magnitude
-from safe_dist.sparsity.sam import SAMState, sam_gradient
+from safe_dist.sparsity.sam import SAMState, group_mean, sam_gradient
 from safe_dist.sparsity.schedules import penalty_schedule, sparsity_schedule

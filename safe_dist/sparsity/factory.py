@@ -21,7 +21,9 @@ class SparsifierConfig:
   name [--sparsifier]: one of SPARSIFIERS. sparsity [--sp], scope [--sp_scope] (None: "nm"
   if n_m is given, else "global"), n_m [--nm].
   SAFE/ADMM: lam [--lambda], lambda_schedule (None: the method's default, see
-  `resolved_lambda_schedule`), dual_update_interval (K), rho (SAM radius, SAFE).
+  `resolved_lambda_schedule`), dual_update_interval (K), rho (SAM radius, SAFE),
+  sam_group_size [--sam_group_size] (m-sharpness: the SAM perturbation per group of m
+  examples; 0: one for the whole global batch).
   SAFE+: importance [--importance] "activation" (input norms, Wanda-style) or "grad_sq".
   GMP/IHT: sp_schedule from `begin_fraction` to `end_fraction` of training, GMP every
   `prune_interval` steps. magnitude: prune once at `prune_fraction` of training, then fine-tune.
@@ -34,6 +36,7 @@ class SparsifierConfig:
   lambda_schedule: Optional[str] = None
   dual_update_interval: int = 32
   rho: float = 0.1
+  sam_group_size: int = 0
   importance: str = "activation"
   sp_schedule: str = "cubic"
   begin_fraction: float = 0.0
@@ -51,7 +54,19 @@ class SparsifierConfig:
     projection = self.projection  # --sp, --sp_scope, --nm
     admm(projection, self.penalty(1), self.dual_update_interval, self.importance)
     sam_gradient(self.rho)
+    if self.sam_group_size < 0:
+      raise ValueError(f"--sam_group_size must be >= 0 (0: the whole batch), got "
+                       f"{self.sam_group_size}")
+    if self.sam_group_size and not self.uses_sam:
+      raise ValueError(f"--sam_group_size {self.sam_group_size} needs a SAM step (--sparsifier "
+                       f"safe or safe_plus with --rho > 0); got --sparsifier {self.name} with "
+                       f"--rho {self.rho}")
     baselines.gmp(projection, self.sparsity_schedule(1), self.prune_interval, 1)
+
+  @property
+  def uses_sam(self) -> bool:
+    """The w-step is a SAM step (SAFE and SAFE+ with rho > 0)."""
+    return self.name in ("safe", "safe_plus") and self.rho > 0
 
   @property
   def projection(self) -> Projection:
@@ -103,7 +118,7 @@ def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
     importance = cfg.importance if cfg.name == "safe_plus" else None
     parts = [optax.masked(admm(projection, cfg.penalty(total_steps), cfg.dual_update_interval,
                                importance), prunable_tree), base]
-    if cfg.name != "admm" and cfg.rho > 0:  # SAFE's w-step is a SAM step
+    if cfg.uses_sam:  # SAFE's w-step is a SAM step
       parts.insert(0, sam_gradient(cfg.rho))
     return optax.chain(*parts)
   sparsity_fn = cfg.sparsity_schedule(total_steps)
