@@ -155,12 +155,7 @@ def evaluate_checkpoint(run, state, should_stop) -> tuple[dict, callable]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    check_flags()
-  except ValueError as e:
-    flags.fail(str(e))
+  flags.checked(argv, check_flags)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   workdir = os.path.abspath(FLAGS.workdir)
   try:

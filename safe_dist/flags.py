@@ -9,9 +9,10 @@ import dataclasses
 import inspect
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import fiddle as fdl
+from absl import app
 from absl import flags
 from fiddle import absl_flags as fdl_flags
 
@@ -261,3 +262,18 @@ class StopOnSignal:
 def fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+_Checked = TypeVar("_Checked")
+
+
+def checked(argv: list[str], check: Callable[[], _Checked]) -> _Checked:
+  """`check()` at the start of an absl main: positional arguments are a usage error, and a
+  ValueError from `check` (a bad flag value) stops with its message and exit status 2,
+  before any work."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    return check()
+  except ValueError as e:
+    fail(str(e))

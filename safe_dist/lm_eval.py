@@ -22,7 +22,7 @@ from safe_dist import distributed
 from safe_dist import language_models
 from safe_dist import workdir as workdir_lib
 from safe_dist.data import text
-from safe_dist.flags import fail
+from safe_dist.flags import checked, fail
 from safe_dist.lm import tokenization
 
 FLAGS = flags.FLAGS
@@ -65,12 +65,7 @@ def _windows(tokenizer_name: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    check_flags()
-  except ValueError as e:
-    fail(str(e))
+  checked(argv, check_flags)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   start = time.time()
   try:

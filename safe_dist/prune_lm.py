@@ -30,7 +30,7 @@ from safe_dist import language_models
 from safe_dist import sharding
 from safe_dist import workdir as workdir_lib
 from safe_dist.data import text
-from safe_dist.flags import fail
+from safe_dist.flags import checked, fail
 from safe_dist.layerwise import pruner as pruner_lib
 from safe_dist.layerwise.calibration import calibration_windows
 from safe_dist.layerwise.safe_block import SafeBlockConfig
@@ -131,12 +131,7 @@ def _held_out(model: language_models.LanguageModel) -> np.ndarray:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    cfg = check_flags()
-  except ValueError as e:
-    fail(str(e))
+  cfg = checked(argv, check_flags)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   start = time.time()
   try:

@@ -25,7 +25,7 @@ from safe_dist.export import benchmark
 from safe_dist.export import formats
 from safe_dist.export import network as network_lib
 from safe_dist.export import sizes
-from safe_dist.flags import fail
+from safe_dist.flags import checked, fail
 
 FLAGS = flags.FLAGS
 DEFAULT_BATCH_SIZES = {"images": [1, 128], "windows": [1, 4]}
@@ -110,12 +110,7 @@ def _how_to_load(fmt: str, out: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    source = check_flags()
-  except ValueError as e:
-    fail(str(e))
+  source = checked(argv, check_flags)
   out = os.path.abspath(FLAGS.out)
   try:
     network = network_lib.final_network(source, language_models.mesh_config(FLAGS.mesh),
