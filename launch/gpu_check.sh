@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check in at most 8 minutes: prints the projection benchmark (2^24..2^28 weights),
 # the train step of ResNet20x2 and VGG19-bn on CIFAR-shaped random data (dense SGD, SAM,
-# SAFE), one LLaMA-2-7B-shaped block pruned by each layer-wise method, and the peak device
+# SAFE; bfloat16 compute as --half_precision), one LLaMA-2-7B-shaped block pruned by each layer-wise method, and the peak device
 # memory of each part. Runs offline on a fresh machine:
 #
 #   launch/gpu_check.sh --venv /path/to/venv        # an environment that has safe-dist
@@ -56,14 +56,16 @@ fi
 # Sizes: the check's, or tiny ones for --dry_run.
 if [[ "$dry_run" == 1 ]]; then
   proj=(--min_log2 16 --max_log2 18 --step 1 --repeats 2 --sort_max_log2 16)
-  step=(--batch_size 8 --warmup 1 --windows 1 --dual_update_interval 2 --memory_config "")
+  step=(--batch_size 8 --warmup 1 --windows 1 --dual_update_interval 2 --memory_config ""
+        --half_precision)
   block=(--scale 32 --nsamples 4 --seqlen 64 --batch_size 2 --epochs 1)
   models=(LeNet300-100)
   scale=10  # time limits x 10: a CPU compiles slowly
   export JAX_THREEFRY_PARTITIONABLE=0  # the initialisations compile ~4x faster on a CPU
 else
   proj=(--min_log2 24 --max_log2 28 --step 1 --repeats 5 --sort_max_log2 24)
-  step=(--batch_size 128 --warmup 3 --windows 2 --dual_update_interval 16 --memory_config "")
+  step=(--batch_size 128 --warmup 3 --windows 2 --dual_update_interval 16 --memory_config ""
+        --half_precision)
   # 7B's block at 16 x 2048 calibration tokens; SAFE's 2 epochs of 2 steps give its step
   # time (the reference runs 30 epochs of 16 steps: multiply).
   block=(--scale 1 --nsamples 16 --seqlen 2048 --batch_size 8 --epochs 2)

@@ -2,7 +2,7 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m safe_dist.bench.step \\
         [--model ResNet20 --batch_size 128 --dual_update_interval 32 --windows 3] \\
-        [--memory_config lm_1b --memory_devices 1,2,4,8]
+        [--half_precision] [--memory_config lm_1b --memory_devices 1,2,4,8]
 
 Time: the trainer's jitted, sharded train step (`run_setup.setup`) of each method on the
 same model, batch (random CIFAR-shaped images) and devices (batch over all of them): dense
@@ -75,10 +75,12 @@ def setup_method(exp: Experiment, method: str, info, devices=None) -> run_setup.
     return run_setup.setup(exp, devices, info)
 
 
-def timing_experiment(model: str, batch_size: int, interval: int, rho: float) -> Experiment:
+def timing_experiment(model: str, batch_size: int, interval: int, rho: float,
+                      half_precision: bool = False) -> Experiment:
   """The reference config (SGD with momentum, SAFE's defaults) on `model`; the schedules are
   set 100 windows long, so that the timed steps fall early in them (GMP and IHT prune)."""
   cfg = configs.reference()
+  cfg.train.half_precision = half_precision
   cfg.model.name = model
   cfg.train.batch_size = batch_size
   cfg.train.max_steps = 100 * interval
@@ -211,6 +213,8 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
   parser.add_argument("--windows", type=int, default=3, help="timed windows per method")
   parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--half_precision", action="store_true",
+                      help="bfloat16 compute over float32 state, as the trainer's flag")
   parser.add_argument("--memory_config", default="lm_1b",
                       help="a config of configs/ for the memory table ('' skips it)")
   parser.add_argument("--memory_devices", default="1,2,4,8")
@@ -219,8 +223,11 @@ def main(argv=None):
   if DENSE not in methods:
     methods.insert(0, DENSE)  # the ratios' base
   devices = jax.devices()[:args.devices]
-  exp = timing_experiment(args.model, args.batch_size, args.dual_update_interval, args.rho)
-  print(f"train step of {args.model}, batch {args.batch_size} (32x32x3 random images) over "
+  exp = timing_experiment(args.model, args.batch_size, args.dual_update_interval, args.rho,
+                          args.half_precision)
+  precision = "bfloat16 compute" if args.half_precision else "float32"
+  print(f"train step of {args.model} ({precision}), batch {args.batch_size} (32x32x3 random "
+        f"images) over "
         f"{len(devices)} {devices[0].platform} device(s); dense = {exp.optimizer.name} "
         f"(momentum {exp.optimizer.momentum}); K = {args.dual_update_interval}: "
         f"{args.windows} windows of {args.dual_update_interval} steps per method after "
