@@ -58,15 +58,35 @@ def cifar100_vgg19() -> fdl.Config[Experiment]:
   return _vision("VGG19-bn", "cifar100", 300, 1e-3)
 
 
-def fashion_mnist_lenet() -> fdl.Config[Experiment]:
-  """The quickstart: SAFE prunes LeNet-300-100 on full Fashion-MNIST to 95% in minutes on a CPU."""
-  cfg = _vision("LeNet300-100", "fashion_mnist", 6, 5e-3)
+def _mnist_family(model: str, dataset: str) -> fdl.Config[Experiment]:
+  """The quickstart's training settings, for any 28x28 model and dataset."""
+  cfg = _vision(model, dataset, 6, 5e-3)
   cfg.optimizer.lr = 0.05
   cfg.optimizer.warmup_epochs = 0.5
   cfg.sparsifier.rho = 0.05
   cfg.train.batch_size = 128
   cfg.train.eval_every_epochs = 2
   return cfg
+
+
+def fashion_mnist_lenet() -> fdl.Config[Experiment]:
+  """The quickstart: SAFE prunes LeNet-300-100 on full Fashion-MNIST to 95% in minutes on a CPU."""
+  return _mnist_family("LeNet300-100", "fashion_mnist")
+
+
+def mnist_lenet() -> fdl.Config[Experiment]:
+  """LeNet-300-100 on MNIST (`python -m safe_dist.data.fetch mnist`), the quickstart's settings."""
+  return _mnist_family("LeNet300-100", "mnist")
+
+
+def fashion_mnist_lenet5() -> fdl.Config[Experiment]:
+  """LeNet-5 (Caffe's conv net) on Fashion-MNIST, the quickstart's settings."""
+  return _mnist_family("LeNet5", "fashion_mnist")
+
+
+def mnist_lenet5() -> fdl.Config[Experiment]:
+  """LeNet-5 (Caffe's conv net) on MNIST, the quickstart's settings."""
+  return _mnist_family("LeNet5", "mnist")
 
 
 def debug() -> fdl.Config[Experiment]:

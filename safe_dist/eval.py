@@ -8,7 +8,9 @@ the numbers go to `<workdir>/eval_<mode>.json` and a table is printed:
 
   clean        rates of the trained weights, and accuracy of the network hard-projected to
                the target sparsity and to every `--eval_sparsities`, each before and after
-               BatchNorm re-calibration on --bnt_sample_size training samples.
+               BatchNorm re-calibration on --bnt_sample_size training samples; on the run's
+               held-out validation examples when it was trained with --validation_examples,
+               else on the test split (`eval_split` in the JSON says which).
   corrupt      accuracy of the final network on corrupted test sets (`--corruptions` at
                `--corrupt_intensity`): the real CIFAR-10-C files when a cifar10 run finds them
                (under --data_dir, $SAFE_DATA_DIR or next to the CIFAR-10 files, in
@@ -16,6 +18,8 @@ the numbers go to `<workdir>/eval_<mode>.json` and a table is printed:
                "ImageNet-C style" (its constants were tuned for ImageNet, not CIFAR-10-C).
   adversarial  clean and robust accuracy of the final network under PGD (`--attack_norm`,
                `--attack_steps`, `--attack_bound`, `--attack_lr`); one jitted, sharded attack.
+
+corrupt and adversarial always use the test split.
 
 "The final network" is what the paper evaluates and the training summary reports: the
 weights hard-projected to the target sparsity (the trained weights for `--sparsifier none`),
@@ -103,6 +107,7 @@ def experiment_to_evaluate(workdir: str):
 
 
 def _print_clean(results: dict) -> None:
+  print(f"evaluated on the {results['eval_split']} split")
   dense = results["dense"]
   print(f"dense (trained x): accuracy {dense['accuracy']:.2%}, loss {dense['loss']:.4f}"
         + (f", perplexity {dense['perplexity']:.4f}" if "perplexity" in dense else ""))

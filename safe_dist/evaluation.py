@@ -63,11 +63,13 @@ def evaluate_batches(run: Run, params, batch_stats, local_batches: Iterable[dict
   return run.task.rates(totals)
 
 
-def evaluate(run: Run, params, batch_stats, split: str = "test",
+def evaluate(run: Run, params, batch_stats, split: Optional[str] = None,
              should_stop: StopFn = _never) -> dict:
-  """The task's rates over a whole split of the run's dataset."""
+  """The task's rates over a whole split of the run's dataset (default: the run's evaluation
+  split, `data.eval_split`: the held-out validation examples or the test split)."""
   exp = run.exp
-  num_examples = run.info.num_test if split == "test" else run.info.num_train
+  split = split or data_lib.eval_split(exp.data)
+  num_examples = data_lib.split_size(exp.data, run.info, split)
   num_examples = min(num_examples, exp.data.max_eval_examples or num_examples)
   batches = data_lib.eval_batches(
       exp.data, batch_size=eval_batch_size(run, num_examples), split=split,
@@ -145,10 +147,11 @@ def projected_accuracies(run: Run, state: TrainState, sparsities,
 
 def clean_eval(run: Run, state: TrainState, should_stop: StopFn = _never) -> dict:
   """Rates of x, and accuracy of Proj_s(x) before/after BN re-calibration for the target
-  sparsity and every `eval_sparsities`."""
+  sparsity and every `eval_sparsities`, on the run's evaluation split (`eval_split`)."""
   exp = run.exp
   sparsities = [exp.sparsifier.projection.sparsity, *exp.eval_sparsities]
-  return {"dense": evaluate(run, state.params, state.batch_stats, should_stop=should_stop),
+  return {"eval_split": data_lib.eval_split(exp.data),
+          "dense": evaluate(run, state.params, state.batch_stats, should_stop=should_stop),
           "projected": projected_accuracies(run, state, sparsities, should_stop)}
 
 
@@ -210,6 +213,7 @@ def corrupt_eval(run: Run, network: FinalNetwork, names, intensity: int,
                   "source": corrupted.source}
   sources = sorted({row["source"] for row in rows.values()})
   return {
+      "eval_split": "test",
       "intensity": intensity,
       "source": sources[0] if len(sources) == 1 else "mixed: " + " and ".join(sources),
       "clean": evaluate_arrays(clean_images, clean_labels),
@@ -242,6 +246,6 @@ def adversarial_eval(run: Run, network: FinalNetwork, norm: str, steps: int, bou
   clean, robust = run.task.rates(clean), run.task.rates(robust)
   return {"attack": {"method": "PGD", "norm": norm, "steps": steps, "bound": bound, "lr": lr,
                      "seed": seed},
-          "num_examples": clean["num_examples"],
+          "eval_split": "test", "num_examples": clean["num_examples"],
           "clean_accuracy": clean["accuracy"], "clean_loss": clean["loss"],
           "robust_accuracy": robust["accuracy"], "robust_loss": robust["loss"]}

@@ -46,7 +46,12 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """[--dataset --data_dir --label_noise_ratio]; max_*_examples take a slice (debug mode).
+  """[--dataset --data_dir --label_noise_ratio --validation_examples]; max_*_examples take a
+  slice (debug mode).
+
+  validation_examples N > 0: N training examples, the same for every seed
+  (`safe_dist.data.pipeline.validation_split`), are held out of training and every clean
+  evaluation of the run uses them instead of the test split (image datasets only).
 
   Text corpora (`safe_dist.data.CORPUS_NAMES`) are read as windows of `seqlen` tokens of
   `tokenizer` ("bytes", or a pretrained model's; see `safe_dist.lm.tokenization`).
@@ -57,6 +62,7 @@ class DataConfig:
   augment: bool = True
   max_train_examples: Optional[int] = None
   max_eval_examples: Optional[int] = None
+  validation_examples: int = 0
   tokenizer: str = "bytes"
   seqlen: int = 256
 
@@ -66,6 +72,11 @@ class DataConfig:
       raise ValueError(f"--dataset must be one of {names}, got {self.name!r}")
     if not 0.0 <= self.label_noise_ratio < 1.0:
       raise ValueError(f"--label_noise_ratio must be in [0, 1), got {self.label_noise_ratio}")
+    if self.validation_examples < 0:
+      raise ValueError(f"--validation_examples must be >= 0, got {self.validation_examples}")
+    if self.validation_examples and data.is_text(self.name):
+      raise ValueError(f"--validation_examples holds out images; text corpora "
+                       f"{data.CORPUS_NAMES} have their own validation split")
     if self.seqlen < 2:
       raise ValueError(f"--seqlen must be >= 2, got {self.seqlen}")
 

@@ -44,6 +44,7 @@ _FLAG_PATHS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dataset": ("data.name", str),
     "data_dir": ("data.data_dir", str),
     "label_noise_ratio": ("data.label_noise_ratio", float),
+    "validation_examples": ("data.validation_examples", int),
     "num_epochs": ("train.num_epochs", float),
     "batch_size": ("train.batch_size", int),
     "seed": ("train.seed", int),
@@ -95,7 +96,7 @@ def define_flags() -> Any:
   flags.DEFINE_string("data_dir", None, "Dataset directory (default: $SAFE_DATA_DIR, then the "
                       "standard install locations).")
   flags.DEFINE_string("model", "ResNet20", "Model (ResNet{20,32,44,56}, ResNet{20,32}x2, "
-                      "VGG{11,13,16,19}(-bn), LeNet300-100).")
+                      "VGG{11,13,16,19}(-bn), LeNet300-100, LeNet5).")
   flags.DEFINE_string("dataset", "cifar10", "Dataset (mnist, fashion_mnist, cifar10, cifar100, "
                       "synthetic).")
   flags.DEFINE_float("num_epochs", 200, "Number of epochs to train.")
@@ -129,6 +130,11 @@ def define_flags() -> Any:
   flags.DEFINE_float("sharpness_every", 10.0, "Epochs between Hessian eigenvalue/trace "
                      "estimates on a held-out batch (0: never).")
   flags.DEFINE_float("label_noise_ratio", 0.0, "Fraction of training labels flipped, in [0, 1).")
+  flags.DEFINE_integer("validation_examples", 0, "Hold out this many training examples (the "
+                       "same for every seed) and evaluate on them instead of the test split "
+                       "(0: train on all, evaluate on the test split). The summary's "
+                       "eval_split says which; eval's corrupt and adversarial modes always use "
+                       "the test split.")
   flags.DEFINE_list("eval_sparsities", [], "Also evaluate the network hard-projected to these "
                     "sparsities.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")

@@ -266,10 +266,13 @@ def markdown(runs: list[Run], pngs: list[str]) -> str:
     lines.append(
         f"| {r.name} | {s.get('model', '-')} | {s.get('dataset', '-')} "
         f"| {s.get('sparsifier', '-')} | {_pct(s.get('target_sparsity'))} "
-        f"| {_pct(s.get('weight_sparsity'))} | {_pct(s.get('val_accuracy'))} "
+        f"| {_pct(s.get('weight_sparsity'))} | {_pct(s.get('val_accuracy'))}"
+        f"{' (validation)' if s.get('eval_split') == 'validation' else ''} "
         f"| {s.get('steps', '-')} |")
-  lines += ["", "Accuracy: validation accuracy of the final, projected and BN-recalibrated "
-            "network. Runs: " + ", ".join(f"`{r.name}` = `{r.workdir}`" for r in runs) + "."]
+  lines += ["", "Accuracy: the final (projected, BN-recalibrated) network's, on the test "
+            "split, or on held-out training examples where marked (validation; "
+            "--validation_examples). Runs: "
+            + ", ".join(f"`{r.name}` = `{r.workdir}`" for r in runs) + "."]
   groups = seed_groups([r for r in runs if r.summary])
   if any(len(g.runs) > 1 for g in groups):
     lines += ["", "## Mean ± std over seeds", "",

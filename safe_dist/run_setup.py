@@ -126,7 +126,8 @@ def setup(exp: Experiment, devices=None, info: Optional[data_lib.DatasetInfo] = 
   validate(exp, mesh)
   task = tasks.get_task(exp.task)
   info = info or data_lib.info(exp.data)
-  num_train = min(info.num_train, exp.data.max_train_examples or info.num_train)
+  num_train = data_lib.split_size(exp.data, info, "train")  # refuses a bad validation split
+  num_train = min(num_train, exp.data.max_train_examples or num_train)
   plan = make_plan(exp, num_train)
   model = exp.model.build(info, exp.train.half_precision)
   lr_fn = optim.learning_rate_schedule(exp.optimizer, plan.steps_per_epoch, plan.total_steps)

@@ -34,6 +34,7 @@ def _print_table(summary: dict, seconds: float, workdir: str) -> None:
           ("sparsifier", summary["sparsifier"]),
           ("target sparsity", f"{summary['target_sparsity']:.2%}"),
           ("weight sparsity", f"{summary['weight_sparsity']:.2%}"),
+          ("evaluated on", f"the {summary['eval_split']} split"),
           ("val accuracy (dense x)", f"{summary['val_accuracy_before_projection']:.2%}"),
           ("val accuracy (projected)", f"{summary['val_accuracy']:.2%}"),
           *([("perplexity (dense x)", f"{summary['perplexity_before_projection']:.3f}"),

@@ -122,7 +122,8 @@ def _log_evaluation(run: Run, state: TrainState, writer: MetricWriter, step: int
 
 
 def _held_out_batch(run: Run) -> dict:
-  """The fixed batch of the sharpness estimates: the first test examples."""
+  """The fixed batch of the sharpness estimates: the first test examples (also with
+  --validation_examples: a measurement, not an evaluation, and never of training examples)."""
   dp = sharding.data_parallel_size(run.mesh)
   size = -(-run.exp.train.sharpness_batch_size // dp) * dp
   local = next(iter(data_lib.eval_batches(
@@ -288,6 +289,9 @@ def finalize(run: Run, state: TrainState, writer: MetricWriter,
   summary = {
       "model": exp.model.name,
       "dataset": exp.data.name,
+      # Which split every val_* number is of: "validation" (held-out training examples,
+      # --validation_examples) or "test".
+      "eval_split": data_lib.eval_split(exp.data),
       "task": exp.task,
       "sparsifier": exp.sparsifier.name,
       "target_sparsity": exp.sparsifier.target_sparsity,

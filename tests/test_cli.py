@@ -23,6 +23,9 @@ REFERENCE_COMMAND = ("--model VGG19-bn --dataset cifar10 --num_epochs 300 --spar
     (["--sam_group_size", "3", "--dataset", "synthetic"], "--sam_group_size 3",
      "allowed: 0, 1, 2, 4, 8, 16, 128"),
     (["--config", "config:nonexistent"], "nonexistent", ""),
+    (["--validation_examples", "-1"], "--validation_examples", ">= 0"),
+    (["--validation_examples", "2048", "--dataset", "synthetic"], "--validation_examples",
+     "smaller than the 2048 examples of the training split"),
 ])
 def test_invalid_input_stops_before_any_work(tmp_path, args, flag, allowed):
   workdir = tmp_path / "run"
@@ -83,12 +86,19 @@ def test_every_config_builds_and_every_fiddler_applies():
   import configs
   import fiddle as fdl
   from safe_dist import flags as run_flags
-  assert {"reference", "debug", "fashion_mnist_lenet"} <= set(run_flags.CONFIG_NAMES)
+  assert {"reference", "debug", "fashion_mnist_lenet", "mnist_lenet", "fashion_mnist_lenet5",
+          "mnist_lenet5"} <= set(run_flags.CONFIG_NAMES)
   assert {"debug_mode", "layerwise", "admm"} <= set(run_flags.FIDDLER_NAMES)
   for name in run_flags.CONFIG_NAMES:
     fdl.build(getattr(configs, name)())
   for name in run_flags.FIDDLER_NAMES:
     fdl.build(getattr(configs, name)(configs.reference()))
+  for name, model, dataset in (("mnist_lenet", "LeNet300-100", "mnist"),
+                               ("fashion_mnist_lenet5", "LeNet5", "fashion_mnist"),
+                               ("mnist_lenet5", "LeNet5", "mnist")):
+    exp = fdl.build(getattr(configs, name)())
+    assert (exp.model.name, exp.data.name) == (model, dataset)
+    assert exp.train == fdl.build(configs.fashion_mnist_lenet()).train
 
 
 @pytest.mark.slow

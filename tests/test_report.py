@@ -15,7 +15,7 @@ pytest.importorskip("tensorboard")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _fake_run(workdir, sparsifier, sparsity, accuracy, admm=True, steps=50):
+def _fake_run(workdir, sparsifier, sparsity, accuracy, admm=True, steps=50, eval_split="test"):
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   for step in range(0, steps + 1, 10):
     values = {"train/loss": 2.0 * np.exp(-step / 20) + 0.1,
@@ -29,7 +29,7 @@ def _fake_run(workdir, sparsifier, sparsity, accuracy, admm=True, steps=50):
   summary = {"model": "ResNet20", "dataset": "cifar10", "sparsifier": sparsifier,
              "target_sparsity": sparsity, "weight_sparsity": sparsity + 0.0012,
              "val_accuracy": accuracy, "val_loss": 0.5, "steps": steps,
-             "masked_accuracy_at": {"0.9": accuracy}}
+             "masked_accuracy_at": {"0.9": accuracy}, "eval_split": eval_split}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f)
 
@@ -43,7 +43,7 @@ def _png_size(path):
 
 def test_report_two_runs(tmp_path, capsys):
   safe, gmp = str(tmp_path / "safe_90"), str(tmp_path / "gmp_95")
-  _fake_run(safe, "safe", 0.9, 0.9123)
+  _fake_run(safe, "safe", 0.9, 0.9123, eval_split="validation")
   _fake_run(gmp, "gmp", 0.95, 0.8765, admm=False, steps=40)
   assert report.main([safe, gmp]) == 0
   out = os.path.join(safe, "report")
@@ -56,6 +56,7 @@ def test_report_two_runs(tmp_path, capsys):
                "| 50 |", "| 40 |", "ResNet20", "cifar10",
                f"]({report.ACCURACY_PNG})", f"]({report.CURVES_PNG})"]:
     assert text in md, text
+  assert "91.23% (validation)" in md and "87.65% |" in md  # which split each accuracy is of
   # Running again replaces its own files and says so.
   capsys.readouterr()
   report.main([safe, gmp, "--out", out])

@@ -8,6 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from safe_dist import checkpointing
+from safe_dist import data
+from safe_dist import evaluation
 from safe_dist import run_setup
 from safe_dist import sharding
 from safe_dist import trainer
@@ -43,7 +46,7 @@ def test_run_leaves_summary_events_config_and_checkpoint(finished_run):
       "LeNet300-100", "synthetic", "safe")
   assert summary["steps"] == exp.train.max_steps == 24
   assert summary["weight_sparsity"] == pytest.approx(exp.sparsifier.sparsity, abs=1e-4)
-  assert 0.0 <= summary["val_accuracy"] <= 1.0
+  assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["eval_split"] == "test"
   assert workdir_lib.stored_experiment(workdir) == exp  # the run's one identity record
   scalars = read_scalars(os.path.join(workdir, "tensorboard"))
   for tag in REQUIRED_TAGS:
@@ -95,6 +98,64 @@ def test_workdir_of_another_experiment_is_refused_untouched(finished_run):
   with pytest.raises(ValueError, match="holds a different run"):
     trainer.train_and_evaluate(other, workdir)
   assert sorted(os.walk(workdir)) == before
+
+
+def test_validation_split_run(tmp_path):
+  """--validation_examples: the run's evaluations, in the loop, at the end and by the eval
+  CLI (which rebuilds the run from the workdir), are on the held-out examples."""
+  # The debug run's programs (`test_one_device_and_eight_devices_give_the_same_run`): its
+  # first 1024 training examples of the 2048 - 300 left.
+  exp = debug_experiment(**{"data.validation_examples": 300, "train.bnt_sample_size": 0,
+                            "train.sharpness_every_epochs": 0})
+  workdir = str(tmp_path)
+  summary = trainer.train_and_evaluate(exp, workdir)
+  assert summary["eval_split"] == "validation"
+  run = run_setup.setup(workdir_lib.stored_experiment(workdir))
+  _, state = checkpointing.restore_last(workdir, run.abstract_state, "no checkpoint")
+  clean = evaluation.clean_eval(run, state)
+  assert clean["eval_split"] == "validation"
+  assert clean["projected"]["0.95"]["accuracy"] == pytest.approx(summary["val_accuracy"])
+  assert clean["dense"]["accuracy"] == pytest.approx(summary["val_accuracy_before_projection"])
+  images, labels = data.split_arrays("synthetic", "validation", None, 300)
+  n = exp.data.max_eval_examples
+  held_out = evaluation.evaluate_batches(run, state.params, state.batch_stats,
+                                         evaluation.array_batches(run, images[:n], labels[:n]))
+  assert clean["dense"] == pytest.approx(held_out)
+  test = evaluation.evaluate(run, state.params, state.batch_stats, split="test")
+  assert test["loss"] != pytest.approx(held_out["loss"])
+
+
+def test_no_validation_examples_is_the_same_experiment_as_before_the_field():
+  """A workdir written before --validation_examples existed holds the N = 0 experiment."""
+  record = workdir_lib.experiment_record(debug_experiment())
+  assert record.pop("data.validation_examples") == 0
+  assert not workdir_lib.differences(record, workdir_lib.experiment_record(debug_experiment()))
+  assert workdir_lib.differences(record, workdir_lib.experiment_record(
+      debug_experiment(**{"data.validation_examples": 10}))) == ["data.validation_examples"]
+
+
+def test_validation_examples_leaving_no_training_example_refused():
+  with pytest.raises(ValueError, match="--validation_examples .* smaller than the 2048"):
+    run_setup.setup(debug_experiment(**{"data.validation_examples": 2048}))
+
+
+@pytest.mark.slow
+def test_lenet5_run(tmp_path):
+  """LeNet-5 trains and its conv kernels are pruned with the dense ones: 4 steps of IHT (the
+  projection of every sparsifier; IHT's step has no SAM pass, it compiles in half the time
+  of SAFE's), on one device (cheaper to compile, too)."""
+  exp = replace(debug_experiment(**{"train.max_steps": 4, "train.sharpness_every_epochs": 0,
+                                    "train.bnt_sample_size": 0}), "model", name="LeNet5")
+  exp = replace(replace(exp, "mesh", data=1, num_devices=1), "sparsifier", name="iht")
+  summary = trainer.train_and_evaluate(exp, str(tmp_path))
+  assert summary["model"] == "LeNet5" and summary["steps"] == 4
+  assert summary["weight_sparsity"] == pytest.approx(0.95, abs=1e-4)
+  run = run_setup.setup(exp)
+  _, state = checkpointing.restore_last(str(tmp_path), run.abstract_state, "no checkpoint")
+  kernels = prunable_leaves(run.project(state.params))
+  assert sorted(k.ndim for k in kernels) == [2, 2, 4, 4]
+  conv_zeros = sum(int((k == 0).sum()) for k in kernels if k.ndim == 4)
+  assert conv_zeros > 0.5 * sum(k.size for k in kernels if k.ndim == 4)
 
 
 def test_batch_size_not_divisible_by_data_parallel_size():

@@ -6,6 +6,8 @@ from safe_dist.data.pipeline import crop_and_flip
 from safe_dist.data.pipeline import eval_batches_of_arrays
 from safe_dist.data.pipeline import make_eval_batches
 from safe_dist.data.pipeline import make_train_iterator
+from safe_dist.data.pipeline import split_arrays
+from safe_dist.data.pipeline import validation_split
 from safe_dist.data.sources import DATASET_NAMES
 from safe_dist.data.sources import DatasetInfo
 from safe_dist.data.sources import DatasetNotFoundError
@@ -13,7 +15,9 @@ from safe_dist.data.sources import dataset_info
 from safe_dist.data.sources import load_split
 from safe_dist.data.sources import search_dirs
 from safe_dist.data.streams import eval_batches
+from safe_dist.data.streams import eval_split
 from safe_dist.data.streams import info
 from safe_dist.data.streams import is_text
+from safe_dist.data.streams import split_size
 from safe_dist.data.streams import train_iterator
 from safe_dist.data.text import CORPUS_NAMES

@@ -7,8 +7,14 @@ i of P gets rows [i*B/P, (i+1)*B/P) of each global batch, so the global batches 
 for any process count. CIFAR augmentation (random crop from 4-pixel zero padding, random
 horizontal flip) is drawn from the seed and the global step, so it too does not depend on
 the process count. MNIST-family images are never augmented.
+
+A validation split (`validation_examples` N > 0) is N training examples held out of the train
+stream: the last N of a permutation of the training split drawn with the fixed
+VALIDATION_SEED, so the same examples for every run seed (and process count). Label noise is
+applied to the remaining training examples only; the held-out labels stay clean.
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -20,6 +26,10 @@ from safe_dist.data import sources
 
 PAD = 4  # CIFAR random crop: 4-pixel zero padding
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+# The held-out validation examples are drawn with this seed, never with a run's: hyperparameters
+# chosen on them by runs of several seeds were all chosen on the same examples.
+VALIDATION_SEED = 0x5AFE_7A1
+EVAL_SPLITS = ("train", "validation", "test")  # "train": without the held-out examples
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -45,6 +55,46 @@ def apply_label_noise(labels: np.ndarray, ratio: float, num_classes: int, seed: 
   noisy = labels.copy()
   noisy[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=count)) % num_classes
   return noisy
+
+
+def check_validation_examples(num_train: int, num_validation: int) -> None:
+  if not 0 <= num_validation < num_train:
+    raise ValueError(f"--validation_examples must be >= 0 and smaller than the {num_train} "
+                     f"examples of the training split, got {num_validation}")
+
+
+def validation_split(num_train: int, num_validation: int) -> tuple[np.ndarray, np.ndarray]:
+  """(kept, held out): sorted indices into a training split of `num_train` examples; the
+  held-out ones are the last `num_validation` of a permutation drawn with VALIDATION_SEED."""
+  check_validation_examples(num_train, num_validation)
+  order = np.random.default_rng(VALIDATION_SEED).permutation(num_train)
+  cut = num_train - num_validation
+  return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def split_arrays(name: str, split: str, data_dir: Optional[str] = None,
+                 validation_examples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images, int32 labels) of one of EVAL_SPLITS: "train" without the
+  `validation_examples` held-out examples, "validation" those, "test" the test split."""
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
+  if split == "validation" and not validation_examples:
+    raise ValueError("the validation split needs --validation_examples N > 0")
+  if split == "test" or not validation_examples:
+    return sources.load_split(name, split, data_dir)
+  return _held_out_arrays(name, split, data_dir, validation_examples)
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out_arrays(name: str, split: str, data_dir: Optional[str],
+                     validation_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  # Copies of the rows (the train stream, BN re-calibration and every evaluation share them).
+  images, labels = sources.load_split(name, "train", data_dir)
+  kept, held_out = validation_split(len(labels), validation_examples)
+  index = held_out if split == "validation" else kept
+  images, labels = images[index], labels[index]
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
 
 
 def crop_and_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
@@ -83,9 +133,11 @@ class _Gather:
 def make_train_iterator(name: str, *, global_batch_size: int, seed: int,
                         data_dir: Optional[str] = None, label_noise_ratio: float = 0.0,
                         augment: bool = True, max_examples: Optional[int] = None,
-                        process_index: int = 0, process_count: int = 1):
-  """Infinite grain iterator (get_state/set_state) of this process's training batches."""
-  images, labels = sources.load_split(name, "train", data_dir)
+                        validation_examples: int = 0, process_index: int = 0,
+                        process_count: int = 1):
+  """Infinite grain iterator (get_state/set_state) of this process's training batches (never
+  of the `validation_examples` held-out examples)."""
+  images, labels = split_arrays(name, "train", data_dir, validation_examples)
   if max_examples:
     images, labels = images[:max_examples], labels[:max_examples]
   if label_noise_ratio:
@@ -154,9 +206,11 @@ def eval_position_batches(num_examples: int, batch_size: int, process_index: int
 
 def make_eval_batches(name: str, *, batch_size: int, split: str = "test",
                       data_dir: Optional[str] = None, max_examples: Optional[int] = None,
-                      process_index: int = 0, process_count: int = 1):
-  """`eval_batches_of_arrays` over the first `max_examples` (default: all) of a split."""
-  images, labels = sources.load_split(name, split, data_dir)
+                      validation_examples: int = 0, process_index: int = 0,
+                      process_count: int = 1):
+  """`eval_batches_of_arrays` over the first `max_examples` (default: all) of a split of
+  EVAL_SPLITS."""
+  images, labels = split_arrays(name, split, data_dir, validation_examples)
   if max_examples:
     images, labels = images[:max_examples], labels[:max_examples]
   return eval_batches_of_arrays(images, labels, batch_size=batch_size,

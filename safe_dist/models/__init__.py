@@ -1,5 +1,6 @@
-"""The models, by the reference's `--model` names: LeNet300-100, CIFAR ResNets and VGGs, and
-`llama` (a LLaMA-family decoder whose architecture a `LlamaConfig` gives; `models.llama`).
+"""The models, by the reference's `--model` names: LeNet300-100, LeNet5, CIFAR ResNets and
+VGGs, and `llama` (a LLaMA-family decoder whose architecture a `LlamaConfig` gives;
+`models.llama`).
 
 Every vision model takes NHWC images in [0, 1], normalises them with the dataset's per-channel
 mean and std, computes in `dtype` with float32 parameters and returns float32 logits.
@@ -11,7 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from safe_dist.models.lenet import LeNet
+from safe_dist.models.lenet import LeNet, LeNet5
 from safe_dist.models.llama import Llama, LlamaConfig
 from safe_dist.models.resnet import CifarResNet, blocks_for_depth
 from safe_dist.models.vgg import VGG
@@ -23,6 +24,7 @@ def _resnet(depth: int, width: int = 16) -> Callable[..., nn.Module]:
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "LeNet300-100": functools.partial(LeNet, hidden=(300, 100)),
+    "LeNet5": LeNet5,
     **{f"ResNet{d}": _resnet(d) for d in (20, 32, 44, 56)},
     **{f"ResNet{d}x2": _resnet(d, width=32) for d in (20, 32)},
     **{f"VGG{d}": functools.partial(VGG, depth=d) for d in (11, 13, 16, 19)},
