@@ -85,7 +85,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m safe_dist.data.fetch",
                                    description=__doc__.split("\n\n")[1])
   parser.add_argument("dataset", choices=DATASETS)
-  args = parser.parse_args(argv)
+  parser.parse_args(argv)  # refuses anything but the datasets fetched here (mnist)
   try:
     print(fetch_mnist())
   except FetchError as e:
