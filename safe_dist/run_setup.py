@@ -72,6 +72,14 @@ class Run:
   hessian_probe: sharpness.HessianProbe  # Hessian max eigenvalue and trace, budgeted
   _projectors: dict = dataclasses.field(default_factory=dict, repr=False)
 
+  def penalty_pull(self) -> Optional[float]:
+    """The penalty's total pull P (`schedules.penalty_pull`) for SAFE/SAFE+/ADMM under SGD;
+    None otherwise (Adam's normalised steps make the pull nonlinear in lambda)."""
+    if self.exp.optimizer.name != "sgd":
+      return None
+    return self.exp.sparsifier.penalty_pull(self.lr_fn, self.plan.total_steps,
+                                            self.exp.optimizer.momentum)
+
   def project(self, params, sparsity: Optional[float] = None):
     """Proj_d(params) (prunable kernels masked; `sparsity` defaults to the target)."""
     if sparsity not in self._projectors:  # one jitted projection per sparsity

@@ -356,3 +356,25 @@ def test_sparsifiers_report_on_themselves(name):
   assert float(metrics["admm/dual_residual"]) > 0.0
   first = sparsifier_metrics(*run[0][::3])  # (x, state) after step 0: no dual update yet
   assert float(first["admm/mask_change"]) == float(first["admm/dual_residual"]) == 0.0
+
+
+@pytest.mark.parametrize("name,schedule", [("safe", None), ("admm", None), ("safe", "linear")])
+def test_penalty_pull_is_the_float64_sum_of_lr_times_lambda(name, schedule):
+  from safe_dist import optim  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng()
+  per_epoch, epochs = int(rng.integers(20, 60)), int(rng.integers(2, 6))
+  total, lr, lam = per_epoch * epochs, rng.uniform(0.01, 0.2), rng.uniform(1e-4, 1e-1)
+  momentum, warmup = rng.uniform(0.0, 0.95), int(rng.integers(1, per_epoch))
+  lr_fn = optim.learning_rate_schedule(
+      optim.OptimizerConfig(lr=lr, warmup_epochs=warmup / per_epoch), per_epoch, total)
+  cfg = SparsifierConfig(name=name, lam=lam, lambda_schedule=schedule)
+  expected = 0.0
+  for t in range(total):  # linear warm-up, then cosine decay; lambda: SPEC.md's schedules
+    rate = lr * t / warmup if t < warmup else (
+        lr * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (total - warmup))))
+    frac = t / total
+    penalty = {"constant": lam, "linear": lam * frac,
+               "cosine": lam * (1 - np.cos(np.pi * frac)) / 2}[cfg.resolved_lambda_schedule]
+    expected += rate * penalty / (1 - momentum)
+  np.testing.assert_allclose(cfg.penalty_pull(lr_fn, total, momentum), expected, rtol=1e-5)
+  assert SparsifierConfig(name="gmp").penalty_pull(lr_fn, total, momentum) is None

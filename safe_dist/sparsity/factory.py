@@ -12,6 +12,7 @@ from safe_dist.sparsity.sam import sam_gradient
 from safe_dist.sparsity.projection import Projection, prunable_tree
 
 SPARSIFIERS = ("safe", "safe_plus", "admm", "gmp", "iht", "magnitude", "none")
+PENALIZED = ("safe", "safe_plus", "admm")  # the augmented-Lagrangian methods: x, z and u
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,14 @@ class SparsifierConfig:
     """lambda(t) of SAFE/SAFE+/ADMM."""
     return schedules.penalty_schedule(self.lam, self.resolved_lambda_schedule, total_steps)
 
+  def penalty_pull(self, lr_fn: optax.Schedule, total_steps: int,
+                   momentum: float) -> Optional[float]:
+    """`schedules.penalty_pull` of this penalty under SGD with `lr_fn` and `momentum`; None for
+    the methods without one."""
+    if self.name not in PENALIZED:
+      return None
+    return schedules.penalty_pull(lr_fn, self.penalty(total_steps), total_steps, momentum)
+
   def sparsity_schedule(self, total_steps: int) -> optax.Schedule:
     """s(t) of GMP and IHT: from 0 at `begin_fraction` to `sparsity` at `end_fraction`."""
     begin, end = self.ramp_steps(total_steps)
@@ -114,7 +123,7 @@ def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
   projection = cfg.projection if projection is None else projection
   if cfg.name == "none":
     return optax.with_extra_args_support(base)
-  if cfg.name in ("safe", "safe_plus", "admm"):
+  if cfg.name in PENALIZED:
     importance = cfg.importance if cfg.name == "safe_plus" else None
     parts = [optax.masked(admm(projection, cfg.penalty(total_steps), cfg.dual_update_interval,
                                importance), prunable_tree), base]

@@ -5,6 +5,7 @@ float64 runs are float64 throughout); the sparsifiers cast lambda(t) to the para
 """
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
@@ -58,3 +59,15 @@ def sparsity_schedule(final: float, kind: str, begin_step: int, end_step: int,
     return initial + (final - initial) * ramp
 
   return schedule
+
+
+def penalty_pull(lr_fn: optax.Schedule, penalty_fn: optax.Schedule, total_steps: int,
+                 momentum: float = 0.0) -> float:
+  """P = sum_t lr(t) lambda(t) / (1 - momentum), in float64: by how much SGD's proximal term
+  alone would shrink x - (z - u) over the run, ~exp(-P) (heavy-ball momentum's steady-state
+  gain is 1 / (1 - momentum)). The loss pushes back, so the constraint gap closes only when P
+  is large: BUILD_NOTES.md, "How strong the penalty must be"."""
+  steps = jnp.arange(max(int(total_steps), 0))
+  lr = np.broadcast_to(np.asarray(lr_fn(steps), np.float64), steps.shape)
+  lam = np.broadcast_to(np.asarray(penalty_fn(steps), np.float64), steps.shape)
+  return float(np.sum(lr * lam) / (1.0 - momentum))
