@@ -60,7 +60,10 @@ def cifar100_vgg19() -> fdl.Config[Experiment]:
 
 def _mnist_family(model: str, dataset: str) -> fdl.Config[Experiment]:
   """The quickstart's training settings, for any 28x28 model and dataset."""
-  cfg = _vision(model, dataset, 6, 5e-3)
+  # lambda 5e-2: a penalty pull P = sum_t lr(t) lambda(t) / (1 - momentum) of ~10 over these
+  # 6 epochs, where the constraint gap closes (BUILD_NOTES.md, "How strong the penalty must
+  # be": chosen on a validation split; 5e-3, P ~ 1, left it open and lost 2 points).
+  cfg = _vision(model, dataset, 6, 5e-2)
   cfg.optimizer.lr = 0.05
   cfg.optimizer.warmup_epochs = 0.5
   cfg.sparsifier.rho = 0.05
