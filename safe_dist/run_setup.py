@@ -6,6 +6,7 @@ module and the CLIs all start from it.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -72,9 +73,11 @@ class Run:
   hessian_probe: sharpness.HessianProbe  # Hessian max eigenvalue and trace, budgeted
   _projectors: dict = dataclasses.field(default_factory=dict, repr=False)
 
+  @functools.cached_property
   def penalty_pull(self) -> Optional[float]:
     """The penalty's total pull P (`schedules.penalty_pull`) for SAFE/SAFE+/ADMM under SGD;
-    None otherwise (Adam's normalised steps make the pull nonlinear in lambda)."""
+    None otherwise (Adam's normalised steps make the pull nonlinear in lambda). Computed once
+    (a sum over every step's schedules), for the start-of-run log and the summary."""
     if self.exp.optimizer.name != "sgd":
       return None
     return self.exp.sparsifier.penalty_pull(self.lr_fn, self.plan.total_steps,

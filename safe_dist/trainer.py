@@ -280,7 +280,7 @@ LOW_PENALTY_PULL, GOOD_PENALTY_PULL = 5.0, 10.0
 
 
 def log_penalty_pull(run: Run) -> None:
-  pull = run.penalty_pull()
+  pull = run.penalty_pull
   if pull is None:
     return
   logging.info("penalty pull P = sum_t lr(t) lambda(t) / (1 - momentum) = %.3g", pull)
@@ -314,7 +314,7 @@ def finalize(run: Run, state: TrainState, writer: MetricWriter,
       "task": exp.task,
       "sparsifier": exp.sparsifier.name,
       "target_sparsity": exp.sparsifier.target_sparsity,
-      "penalty_pull": run.penalty_pull(),
+      "penalty_pull": run.penalty_pull,
       "weight_sparsity": final.description["weight_sparsity"],
       "bn_recalibrated": final.description["bn_recalibrated"],
       **{f"val_{k}": v for k, v in rates.items() if not k.startswith("num_")},
