@@ -67,6 +67,25 @@ def test_traced_sparsity_and_per_leaf_sequence():
     _check([g], _ref_global([a], _k_traced(s, a.size)))
 
 
+def _reduces(num_leaves, one_device):
+  """prune_mask inside jit over `num_leaves` leaves: its masks and its lowered reduce count."""
+  rng = np.random.default_rng(num_leaves)
+  arrays = [_tied(rng, (5, 3 + i)) for i in range(num_leaves)]
+  sh = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * num_leaves if one_device else None
+  fn = jax.jit(lambda x: prune_mask(x, 0.6, shardings=sh))
+  n = sum(a.size for a in arrays)
+  _check(fn(arrays), _ref_global(arrays, _k(0.6, n)))
+  return fn.lower(arrays).as_text().count("stablehlo.reduce")
+
+
+def test_leaves_on_one_device_are_scanned_as_one():
+  """With shardings on one device the leaves are concatenated: the program's counting passes
+  (and so its compile time) do not grow with the number of leaves; GSPMD-partitionable leaves
+  (no shardings inside jit, 8 devices here) keep one pass per leaf."""
+  assert _reduces(2, True) == _reduces(12, True)
+  assert _reduces(12, False) > _reduces(2, False)
+
+
 def test_nm():
   rng = np.random.default_rng(3)
   arrays = [_tied(rng, (8, 3)), _tied(rng, (2, 2, 12, 5))]

@@ -1,10 +1,15 @@
 """Benchmark of `prune_mask` (global scope) on float32 vectors sharded over 8 devices.
 
   python -m safe_dist.bench.projection --min_log2 20 --max_log2 26 --repeats 5
+  python -m safe_dist.bench.projection --leaves 1,4,16,64 --leaves_log2 22
 
 Times (median of repeats after a warm-up, block_until_ready) of: prune_mask at sparsity 0.9;
 one elementwise pass (jnp.sum(jnp.abs(x))); gather + full sort (jnp.sort of the replicated
 vector); numpy.partition of the vector on the host.
+
+With `--leaves`: 2^leaves_log2 weights split into that many leaves (a model's kernels), one
+global prune_mask over all of them, on one device and sharded over all: seconds to compile
+(set no JAX_COMPILATION_CACHE_DIR) and ms per call.
 """
 
 import os
@@ -35,6 +40,42 @@ def _time(fn, repeats):
   return float(np.median(times))
 
 
+def _leaf_tree(n: int, num_leaves: int, sharding) -> list:
+  """`num_leaves` random score vectors of ~n / num_leaves entries (a multiple of the devices)."""
+  devices = len(sharding.device_set)
+  size = n // num_leaves // devices * devices
+  keys = jax.random.split(jax.random.key(num_leaves), num_leaves)
+  make = jax.jit(lambda key: jnp.abs(jax.random.normal(key, (size,))), out_shardings=sharding)
+  return [make(key) for key in keys]
+
+
+def leaves_table(counts: list[int], log2n: int, sparsity: float, repeats: int) -> None:
+  """Compile seconds and ms per call of one global prune_mask over `count` leaves."""
+  n = 2**log2n
+  devices = jax.devices()
+  meshes = {"1 device": jax.make_mesh((1,), ("d",), devices=devices[:1]),
+            f"{len(devices)} devices": jax.make_mesh((len(devices),), ("d",))}
+  print(f"\n2^{log2n} weights in L leaves, global prune_mask at sparsity {sparsity}")
+  header = ["leaves"] + [f"{name} {what}" for name in meshes for what in ("compile s", "ms")]
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for count in counts:
+    row = [str(count)]
+    for mesh in meshes.values():
+      sharding = NamedSharding(mesh, P("d"))
+      xs = _leaf_tree(n, count, sharding)
+      shardings = [sharding] * count
+      prune = jax.jit(lambda xs: prune_mask(xs, sparsity, shardings=shardings))
+      t0 = time.perf_counter()
+      compiled = prune.lower(xs).compile()
+      t_compile = time.perf_counter() - t0
+      total = sum(x.size for x in xs)
+      kept = sum(int(m.sum()) for m in compiled(xs))
+      assert kept == total - int(np.floor(sparsity * total)), "wrong count"
+      row += [f"{t_compile:.2f}", f"{_time(lambda: compiled(xs), repeats) * 1e3:.2f}"]
+    print("| " + " | ".join(row) + " |", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--min_log2", type=int, default=20)
@@ -44,7 +85,16 @@ def main(argv=None):
   parser.add_argument("--sparsity", type=float, default=0.9)
   parser.add_argument("--sort_max_log2", type=int, default=24,
                       help="skip gather+sort above this size (it takes minutes)")
+  parser.add_argument("--leaves", default=None,
+                      help="comma-separated leaf counts: the compile/run table over leaves "
+                           "instead of the size table")
+  parser.add_argument("--leaves_log2", type=int, default=22)
   args = parser.parse_args(argv)
+  if args.leaves:
+    leaves_table([int(c) for c in args.leaves.split(",")], args.leaves_log2, args.sparsity,
+                 args.repeats)
+    print(peak_memory_line())
+    return
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = NamedSharding(mesh, P("d"))

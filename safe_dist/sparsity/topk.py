@@ -14,6 +14,11 @@ splits. Ties at the threshold are then split over the global positions of the eq
 (only when needed; usually one pass). With sharded leaves this runs per shard inside
 `jax.shard_map`, so weights are never gathered. Exactness never depends on the heuristics:
 every bracket update uses exact counts.
+
+Where concatenating moves no data (local shards inside shard_map, or leaves on one device), a
+group's leaves are scanned as one flat vector of keys (`_segments`): one counting pass per round
+whatever the number of leaves, so a ResNet's or an LLM's dozens of kernels compile as one (at
+the cost of one uint32 key per local entry held during the search).
 """
 
 import math
@@ -147,6 +152,71 @@ class _Leaf:
     return pos
 
 
+_PIECES = 4  # a flattened segment is scanned in up to this many pieces: XLA:CPU runs them
+_MIN_PIECE = 2**16  # concurrently (one reduce over all of it ran 2x slower on 2 cores)
+
+
+def _flat(parts):
+  return parts[0].reshape(-1) if len(parts) == 1 else jnp.concatenate(
+      [p.reshape(-1) for p in parts])
+
+
+class _Segment:
+  """Local entries the counting passes scan as one operand: one leaf (any shape), or a span of
+  the flattened leaves of a group with the same replication, concatenated in tree order.
+
+  Flattening makes the number of passes per round (and of compiled kernels) independent of the
+  number of leaves; it is only used where concatenating cannot move data between devices
+  (local shards inside shard_map, or a single device). It holds one uint32 key per entry.
+  """
+
+  def __init__(self, blocks, leaves, joined_keys=None, span=None):
+    self.blocks, self.leaves = blocks, leaves
+    self.group, self.replicated_axes = leaves[0].group, leaves[0].replicated_axes
+    # The group's keys, concatenated once outside the search loops (None: a single unflattened
+    # leaf, whose keys are computed inside each pass, fused).
+    self._joined_keys = joined_keys
+    self.start, self.stop = span or (0, sum(x.size for x in blocks))
+    self.size = self.stop - self.start
+
+  def keys(self):
+    if self._joined_keys is None:
+      return _keys(self.blocks[0])
+    return self._joined_keys[self.start:self.stop]
+
+  def positions(self):
+    if self._joined_keys is None:
+      return self.leaves[0].positions()
+    first = self.leaves[0]
+    if all(not any(leaf.dim_axes) for leaf in self.leaves) and all(
+        b.offset == a.offset + math.prod(a.shape) for a, b in zip(self.leaves, self.leaves[1:])):
+      # whole leaves, consecutive in the group: one iota (one kernel instead of one per leaf)
+      return np.uint32(first.offset + self.start) + lax.iota(jnp.uint32, self.size)
+    return _flat([leaf.positions() for leaf in self.leaves])[self.start:self.stop]
+
+  def weight(self):
+    return self.leaves[0].weight()
+
+
+def _segments(blocks, leaves, flatten: bool) -> list:
+  """One segment per leaf; or with `flatten`, per (group, replication) the leaves' keys
+  concatenated and cut into up to _PIECES spans."""
+  if not flatten:
+    return [_Segment([x], [leaf]) for x, leaf in zip(blocks, leaves)]
+  members = {}
+  for x, leaf in zip(blocks, leaves):
+    if x.size:
+      members.setdefault((leaf.group, tuple(leaf.replicated_axes)), []).append((x, leaf))
+  segments = []
+  for m in members.values():
+    blocks_g, leaves_g = [x for x, _ in m], [leaf for _, leaf in m]
+    joined = _keys(_flat(blocks_g))
+    pieces = max(1, min(_PIECES, joined.size // _MIN_PIECE))
+    cuts = [joined.size * i // pieces for i in range(pieces + 1)]
+    segments += [_Segment(blocks_g, leaves_g, joined, span) for span in zip(cuts, cuts[1:])]
+  return segments
+
+
 _UMAX = np.uint32(0xFFFFFFFF)
 _SAMPLE = 512  # per device and group: sampled keys for the first (rank-based) thresholds
 _SPREAD = 0.3  # interpolation: rank standard deviation ~ _SPREAD * sqrt(bracket count)
@@ -155,12 +225,12 @@ _INTERP_WIDTH = 2**22  # key-space brackets narrower than this are split by inte
 _SHRINK = 2  # an interpolation round that shrinks the count less is followed by a uniform one
 
 
-def _count(operands_fn, blocks, leaves, num_groups, t, lo, hi, reduce):
+def _count(operands_fn, segments, num_groups, t, lo, hi, reduce):
   """Counts [groups, _B] of entries with value < t[g, b], and min/max value in [lo, hi],
   each combined over devices by `reduce(counts, mins, maxs)`.
 
-  `operands_fn(leaf_index, block)` gives (values uint32, eligible bool or None). One variadic
-  reduce per leaf over all dims: a single fused pass (no reshape, so GSPMD can partition it).
+  `operands_fn(segment)` gives (values uint32, eligible bool or None). One variadic reduce per
+  segment over all dims: a single fused pass (a leaf is not reshaped, so GSPMD can partition it).
   Plain sum/min/max combiners only: a combiner with selects (e.g. min and how many reach it)
   is ~4x slower on CPU.
   """
@@ -172,21 +242,21 @@ def _count(operands_fn, blocks, leaves, num_groups, t, lo, hi, reduce):
     return tuple(u + v for u, v in zip(a[:_B], b[:_B])) + (
         jnp.minimum(a[_B], b[_B]), jnp.maximum(a[_B + 1], b[_B + 1]))
 
-  for i, (x, leaf) in enumerate(zip(blocks, leaves)):
-    g = leaf.group
-    v, ok = operands_fn(i, x)
+  for seg in segments:
+    g = seg.group
+    v, ok = operands_fn(seg)
     inb = (v >= lo[g]) & (v <= hi[g])
     lt = [v < t[g, b] for b in range(_B)]
     if ok is not None:
       inb = inb & ok
       lt = [ok & c for c in lt]
-    if leaf.replicated_axes:  # min/max only over the counted (first) replica
-      inb = inb & (leaf.weight() > 0)
+    if seg.replicated_axes:  # min/max only over the counted (first) replica
+      inb = inb & (seg.weight() > 0)
     ops = tuple(jnp.where(c, 1, 0).astype(jnp.int32) for c in lt) + (
         jnp.where(inb, v, _UMAX), jnp.where(inb, v, np.uint32(0)))
     out = lax.reduce(ops, (np.int32(0),) * _B + (_UMAX, np.uint32(0)), red,
-                     tuple(range(x.ndim)))
-    counts[g] = counts[g] + jnp.stack(out[:_B]) * leaf.weight()
+                     tuple(range(v.ndim)))
+    counts[g] = counts[g] + jnp.stack(out[:_B]) * seg.weight()
     mins[g] = jnp.minimum(mins[g], out[_B])
     maxs[g] = jnp.maximum(maxs[g], out[_B + 1])
   return reduce(jnp.stack(counts), jnp.stack(mins), jnp.stack(maxs))
@@ -295,10 +365,10 @@ def _search(count_fn, k, lo, hi, c_lo, c_hi, first=None, interp_width=_INTERP_WI
   return lo, hi, c_lo, c_hi
 
 
-def _sample_thresholds(blocks, leaves, k, sizes, gather):
-  """[groups, _B] first-round key thresholds from a strided sample of every local block.
+def _sample_thresholds(segments, k, sizes, gather):
+  """[groups, _B] first-round key thresholds from a strided sample of every local segment.
 
-  Each device takes ~_SAMPLE keys per group, strided over its local blocks in proportion to
+  Each device takes ~_SAMPLE keys per group, strided over its local segments in proportion to
   their sizes (so every sample point stands for about the same number of entries; replicas
   other than the first one of a replicated leaf are masked out); `gather` collects them from
   all devices (fixed size, independent of N). One single-operand sort (fast on CPU, unlike a
@@ -306,19 +376,21 @@ def _sample_thresholds(blocks, leaves, k, sizes, gather):
   """
   num_groups = len(sizes)
   local = [0] * num_groups
-  for x, leaf in zip(blocks, leaves):
-    local[leaf.group] += x.size
+  for seg in segments:
+    local[seg.group] += seg.size
   per_group = [[] for _ in range(num_groups)]
-  for x, leaf in zip(blocks, leaves):
-    g = leaf.group
-    if x.size == 0:
+  for seg in segments:
+    g = seg.group
+    if seg.size == 0:
       continue
-    m = max(1, min(x.size, round(_SAMPLE * x.size / local[g])))
-    keys = _keys(x.reshape(-1)[::x.size // m][:m])
-    if leaf.replicated_axes:
-      keys = jnp.where(leaf.weight() > 0, keys, _UMAX)
+    m = max(1, min(seg.size, round(_SAMPLE * seg.size / local[g])))
+    keys = seg.keys().reshape(-1)[::seg.size // m][:m]
+    if seg.replicated_axes:
+      keys = jnp.where(seg.weight() > 0, keys, _UMAX)
     per_group[g].append(keys)
-  width = max(sum(a.size for a in p) for p in per_group)
+  # a static width, the same for any N >= _SAMPLE per device: each of a group's segments takes
+  # at most one key more than its rounded share
+  width = max(min(local[g], _SAMPLE) + len(p) for g, p in enumerate(per_group))
   ks = []
   for p in per_group:
     kk = jnp.concatenate(p) if p else jnp.zeros((0,), jnp.uint32)
@@ -338,12 +410,13 @@ def _combine(c, mn, mx):
   return jnp.sum(c, axis=0, dtype=jnp.int32), jnp.min(mn, axis=0), jnp.max(mx, axis=0)
 
 
-def _select(blocks, leaves, k, sizes, collect, gather=None):
+def _select(blocks, leaves, k, sizes, collect, gather=None, flatten=False):
   """Local keep-masks of `blocks` (local shards) dropping k[g] entries per group g.
 
   `collect(counts, mins, maxs)` gives every device's local stats ([devices, ...]); `gather`
-  (optional) every device's key sample.
+  (optional) every device's key sample; `flatten`: scan the blocks as `_segments`.
   """
+  segments = _segments(blocks, leaves, flatten)
   reduce = lambda *stats: _combine(*collect(*stats))
   num_groups = len(sizes)
   n = jnp.asarray(sizes, jnp.int32)
@@ -352,34 +425,33 @@ def _select(blocks, leaves, k, sizes, collect, gather=None):
   top = jnp.where(done, zero, _UMAX)
 
   def count_keys(t, lo, hi):
-    return _count(lambda i, x: (_keys(x), None), blocks, leaves, num_groups, t, lo, hi, reduce)
+    return _count(lambda seg: (seg.keys(), None), segments, num_groups, t, lo, hi, reduce)
 
-  first = None if gather is None else _sample_thresholds(blocks, leaves, k, sizes, gather)
+  first = None if gather is None else _sample_thresholds(segments, k, sizes, gather)
   thr, _, c_lt, c_le = _search(count_keys, k, zero, top, jnp.zeros_like(n), n, first=first)
   drop_eq = k - c_lt  # entries equal to the threshold to drop, from the highest position
   keep_eq = c_le - c_lt - drop_eq
   need = (~done) & (keep_eq > 0)
 
   def count_pos(t, lo, hi):
-    def ops(i, x):
-      return leaves[i].positions(), _keys(x) == thr[leaves[i].group]
-    return _count(ops, blocks, leaves, num_groups, t, lo, hi, reduce)
+    return _count(lambda seg: (seg.positions(), seg.keys() == thr[seg.group]), segments,
+                  num_groups, t, lo, hi, reduce)
 
   def tied_stats():
     """Every device's count, min and max position of its entries equal to the threshold."""
     c = [jnp.int32(0)] * num_groups
     mn = [jnp.full((), _UMAX)] * num_groups
     mx = [jnp.zeros((), jnp.uint32)] * num_groups
-    for x, leaf in zip(blocks, leaves):
-      g = leaf.group
-      eq = _keys(x) == thr[g]
-      if leaf.replicated_axes:
-        eq = eq & (leaf.weight() > 0)
-      pos = leaf.positions()
+    for seg in segments:
+      g = seg.group
+      eq = seg.keys() == thr[g]
+      if seg.replicated_axes:
+        eq = eq & (seg.weight() > 0)
+      pos = seg.positions()
       out = lax.reduce((eq.astype(jnp.int32), jnp.where(eq, pos, _UMAX), jnp.where(eq, pos, 0)),
                        (np.int32(0), _UMAX, np.uint32(0)),
                        lambda a, b: (a[0] + b[0], jnp.minimum(a[1], b[1]),
-                                     jnp.maximum(a[2], b[2])), tuple(range(x.ndim)))
+                                     jnp.maximum(a[2], b[2])), tuple(range(eq.ndim)))
       c[g], mn[g], mx[g] = c[g] + out[0], jnp.minimum(mn[g], out[1]), jnp.maximum(mx[g], out[2])
     c = jnp.broadcast_to(jnp.stack(c)[:, None], (num_groups, _B))
     lc, lmn, lmx = collect(c, jnp.stack(mn), jnp.stack(mx))
@@ -452,15 +524,34 @@ def _common_mesh(arrays, shardings):
   return mesh, specs
 
 
-def _masks(arrays, groups, ks, sizes, mesh, specs):
-  """Keep-masks of all arrays; per shard inside shard_map when a mesh is given."""
+def _on_one_device(arrays, shardings) -> bool:
+  """Whether no array can be split over devices, so concatenating them moves no data: one
+  device in all, or every array's sharding (given, or read off a concrete array) on one."""
+  if jax.device_count() == 1:
+    return True
+  for i, x in enumerate(arrays):
+    s = shardings[i] if shardings is not None else None
+    if s is None and not isinstance(x, jax.core.Tracer):
+      s = x.sharding
+    if not isinstance(s, jax.sharding.Sharding) or len(s.device_set) != 1:
+      return False
+  return True
+
+
+def _masks(arrays, groups, ks, sizes, mesh, specs, shardings):
+  """Keep-masks of all arrays; per shard inside shard_map when a mesh is given.
+
+  Local shards (and the arrays on a single device) are scanned flattened (`_segments`); arrays
+  GSPMD may partition are scanned leaf by leaf, unreshaped, so no pass gathers a leaf.
+  """
   k = jnp.stack([jnp.asarray(v, jnp.int32) for v in ks])
   specs = None if specs is None else tuple(specs)
-  return _masks_jit(list(arrays), k, tuple(groups), tuple(sizes), mesh, specs)
+  flatten = mesh is not None or _on_one_device(arrays, shardings)
+  return _masks_jit(list(arrays), k, tuple(groups), tuple(sizes), mesh, specs, flatten)
 
 
-@jax.jit(static_argnums=(2, 3, 4, 5))
-def _masks_jit(arrays, k, groups, sizes, mesh, specs):
+@jax.jit(static_argnums=(2, 3, 4, 5, 6))
+def _masks_jit(arrays, k, groups, sizes, mesh, specs, flatten):
   """Compiled once per layout (k is traced), also when called outside jit."""
   offsets, seen = [], {}
   for x, g in zip(arrays, groups):
@@ -468,7 +559,8 @@ def _masks_jit(arrays, k, groups, sizes, mesh, specs):
     seen[g] = offsets[-1] + x.size
   if mesh is None:
     leaves = [_Leaf(x.shape, g, o) for x, g, o in zip(arrays, groups, offsets)]
-    return _select(list(arrays), leaves, k, sizes, lambda c, mn, mx: (c[None], mn[None], mx[None]))
+    return _select(list(arrays), leaves, k, sizes, lambda c, mn, mx: (c[None], mn[None], mx[None]),
+                   flatten=flatten)
   leaves = [_Leaf(x.shape, g, o, s, mesh.shape) for x, g, o, s in zip(arrays, groups, offsets, specs)]
   axes = tuple(mesh.axis_names)
 
@@ -485,7 +577,7 @@ def _masks_jit(arrays, k, groups, sizes, mesh, specs):
     return allk, valid
 
   def body(k, *blocks):
-    return tuple(_select(list(blocks), leaves, k, sizes, collect, gather))
+    return tuple(_select(list(blocks), leaves, k, sizes, collect, gather, flatten))
 
   fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), *specs), out_specs=tuple(specs),
                      check_vma=False)
@@ -541,11 +633,12 @@ def prune_mask(scores: Any, sparsity: Union[float, Sequence[float], jax.Array],
       raise ValueError(f"layerwise sparsity has {len(per_leaf)} entries for {len(arrays)} leaves")
     sizes = [x.size for x in arrays]
     ks = [_num_dropped(s, n) for s, n in zip(per_leaf, sizes)]
-    masks = _masks(arrays, list(range(len(arrays))), ks, sizes, mesh, specs)
+    masks = _masks(arrays, list(range(len(arrays))), ks, sizes, mesh, specs, sh)
   else:
     if isinstance(sparsity, (list, tuple)):
       raise ValueError("a per-leaf sparsity sequence needs scope 'layerwise'")
     total = sum(x.size for x in arrays)
-    masks = _masks(arrays, [0] * len(arrays), [_num_dropped(sparsity, total)], [total], mesh, specs)
+    ks = [_num_dropped(sparsity, total)]
+    masks = _masks(arrays, [0] * len(arrays), ks, [total], mesh, specs, sh)
   it = iter(masks)
   return jax.tree.unflatten(treedef, [x if _is_passthrough(x) else next(it) for x in leaves])
