@@ -86,6 +86,17 @@ def test_leaves_on_one_device_are_scanned_as_one():
   assert _reduces(12, False) > _reduces(2, False)
 
 
+def test_joined_small_leaves_around_a_large_one_split_ties_by_position():
+  """On one device the small leaves are joined, the large one (> _JOIN_MAX) scanned alone: the
+  joined positions are not consecutive, and ties at the threshold still go by tree position."""
+  rng = np.random.default_rng(11)
+  big = topk._JOIN_MAX + 37
+  arrays = [_tied(rng, (7, 9)), rng.integers(0, 3, big).astype(np.float32), _tied(rng, (50,))]
+  n = sum(a.size for a in arrays)
+  for s in (0.3, 0.5, 0.77):
+    _check(prune_mask(arrays, s), _ref_global(arrays, _k(s, n)))
+
+
 def test_nm():
   rng = np.random.default_rng(3)
   arrays = [_tied(rng, (8, 3)), _tied(rng, (2, 2, 12, 5))]

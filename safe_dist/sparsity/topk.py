@@ -16,9 +16,10 @@ splits. Ties at the threshold are then split over the global positions of the eq
 every bracket update uses exact counts.
 
 Where concatenating moves no data (local shards inside shard_map, or leaves on one device), a
-group's leaves are scanned as one flat vector of keys (`_segments`): one counting pass per round
-whatever the number of leaves, so a ResNet's or an LLM's dozens of kernels compile as one (at
-the cost of one uint32 key per local entry held during the search).
+group's small leaves (<= _JOIN_MAX local entries) are scanned as one flat vector of keys
+(`_segments`): the counting passes per round do not grow with their number, so a model's
+dozens of small kernels compile as a few (at the cost of one uint32 key per joined entry held
+during the search); larger leaves keep one fused pass each.
 """
 
 import math
