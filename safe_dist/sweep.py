@@ -202,7 +202,7 @@ def run_local(cells: list[Cell], parallel: int) -> dict[str, int]:
 
   handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
-    while waiting or running:
+    while running or (waiting and not stopping):  # a stop starts no more cells
       while waiting and len(running) < parallel and not stopping:
         cell = waiting.pop(0)
         os.makedirs(cell.workdir, exist_ok=True)

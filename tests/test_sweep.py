@@ -230,3 +230,27 @@ def test_report_groups_runs_that_differ_only_by_seed(tmp_path):
     assert row in md, (row, md)
   assert "| safe | 95.00% | None | 1 (?) | 50.00 | - | - |" in md, md
   assert (tmp_path / "out" / report.ACCURACY_PNG).exists()
+
+
+# run_local with stand-in cells that wait for SIGTERM and exit as a checkpointed run does.
+_STOP_DRIVER = """
+import json, os, signal, sys, threading
+from safe_dist import sweep
+cell_code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(%d)); time.sleep(60)"
+sweep.train_command = lambda cell: [sys.executable, "-c", cell_code % sweep.REQUEUE_EXIT_CODE]
+root = sys.argv[1]
+cells = [sweep.Cell(f"cell-{i}", os.path.join(root, f"cell-{i}"), ()) for i in range(3)]
+threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+print(json.dumps(sweep.run_local(cells, parallel=1)))
+"""
+
+
+def test_a_stop_signal_ends_the_sweep_with_cells_still_waiting(tmp_path):
+  """SIGTERM while one of three cells runs: that cell is stopped (its checkpoint exit) and the
+  sweep returns without starting the other two (it used to wait for them forever)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  result = subprocess.run([sys.executable, "-c", _STOP_DRIVER, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.splitlines()[-1]) == {"cell-0": 85}
+  assert sorted(os.listdir(tmp_path)) == ["cell-0"]
