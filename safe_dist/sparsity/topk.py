@@ -494,11 +494,17 @@ def _select(blocks, leaves, k, sizes, collect, gather=None, flatten=False):
   return masks
 
 
-def _leaf_spec(x, shardings, i):
-  """(mesh, PartitionSpec) of leaf i if known: given `shardings`, a concrete array, or explicit axes."""
+def _given_sharding(x, shardings, i):
+  """The sharding of leaf i from `shardings`, else read off a concrete array; else None."""
   s = shardings[i] if shardings is not None else None
   if s is None and not isinstance(x, jax.core.Tracer) and isinstance(x, jax.Array):
     s = x.sharding
+  return s
+
+
+def _leaf_spec(x, shardings, i):
+  """(mesh, PartitionSpec) of leaf i if known: given `shardings`, a concrete array, or explicit axes."""
+  s = _given_sharding(x, shardings, i)
   if s is None and isinstance(x, jax.core.Tracer):
     try:
       s = jax.typeof(x).sharding
@@ -535,9 +541,7 @@ def _on_one_device(arrays, shardings) -> bool:
   if jax.device_count() == 1:
     return True
   for i, x in enumerate(arrays):
-    s = shardings[i] if shardings is not None else None
-    if s is None and not isinstance(x, jax.core.Tracer):
-      s = x.sharding
+    s = _given_sharding(x, shardings, i)
     if not isinstance(s, jax.sharding.Sharding) or len(s.device_set) != 1:
       return False
   return True
