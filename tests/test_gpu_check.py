@@ -1,5 +1,5 @@
-"""launch/gpu_check.sh refuses before any work: unknown arguments, a non-empty --out, and a
-machine without a GPU (unless --dry_run). Its --dry_run rehearsal on CPU is recorded in
+"""launch/gpu_check.sh refuses before any work: unknown arguments, unknown --parts, a bad
+--limit_scale, a non-empty --out, and a machine without a GPU (unless --dry_run). Its --dry_run rehearsal on CPU is recorded in
 BUILD_NOTES.md (it compiles every benchmark: minutes, too slow for the suite)."""
 
 import os
@@ -32,3 +32,17 @@ def test_a_machine_without_gpu_is_refused(tmp_path):
   result = run_script("--out", str(tmp_path / "check"))
   assert result.returncode == 2
   assert "JAX sees no GPU (platform 'cpu'" in result.stderr and "--dry_run" in result.stderr
+
+
+def test_unknown_part_is_refused_with_the_allowed_names(tmp_path):
+  result = run_script("--parts", "projection,step_ResNet20", "--out", str(tmp_path / "check"))
+  assert result.returncode == 2
+  assert "--parts: unknown part 'step_ResNet20' (allowed: projection step_ResNet20x2" in result.stderr
+  assert "block_safe_plus)" in result.stderr and not (tmp_path / "check").exists()
+
+
+def test_bad_limit_scale_is_refused(tmp_path):
+  result = run_script("--limit_scale", "0.5", "--out", str(tmp_path / "check"))
+  assert result.returncode == 2
+  assert "--limit_scale must be a positive integer, got '0.5'" in result.stderr
+  assert not (tmp_path / "check").exists()
