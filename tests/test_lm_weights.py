@@ -17,7 +17,8 @@ import tokenizers
 from hf_checkpoints import random_weights, write_hf
 from llama_reference import forward, perplexity
 from safe_dist import sharding
-from safe_dist.lm import assets, gguf_file, hf, pretrained
+from safe_dist import assets
+from safe_dist.lm import gguf_file, hf, pretrained
 from safe_dist.models.llama import Llama, LlamaConfig
 
 MESH = sharding.MeshConfig(data=1, fsdp=2, tensor=4)

@@ -9,7 +9,8 @@ import pytest
 from safe_dist.data import text
 from safe_dist.experiment import DataConfig
 from safe_dist.data import streams
-from safe_dist.lm import assets, tokenization
+from safe_dist import assets
+from safe_dist.lm import tokenization
 
 
 def test_held_out_plays_are_whole_plays_never_in_train():

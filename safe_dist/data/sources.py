@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from safe_dist.data import formats
-from safe_dist.lm import assets
+from safe_dist import assets
 
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
 SPLITS = ("train", "test")
@@ -85,7 +85,7 @@ def _check_name(name: str) -> None:
 def search_dirs(name: str, data_dir: Optional[str] = None) -> list:
   """The directories searched for `name`, in order: `data_dir` alone when given, else
   $SAFE_DATA_DIR, the standard system places, the download cache's NAME (where
-  `python -m safe_dist.data.fetch` puts it: `safe_dist.lm.assets.cache_dir()`/NAME),
+  `python -m safe_dist.data.fetch` puts it: `safe_dist.assets.cache_dir()`/NAME),
   ~/.cache/safe_dist/NAME and ~/data/NAME.
 
   A general root (data_dir, $SAFE_DATA_DIR) is also searched in its subdirectory named after

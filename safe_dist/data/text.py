@@ -16,7 +16,7 @@ import numpy as np
 
 from safe_dist.data import pipeline
 from safe_dist.data.sources import DatasetInfo
-from safe_dist.lm import assets
+from safe_dist import assets
 from safe_dist.lm import tokenization
 
 CORPUS_NAMES = ("shakespeare",)

@@ -1,1 +1,1 @@
-"""Language models: fetched assets, tokenizers, pretrained weights (Hugging Face, GGUF)."""
+"""Language models: tokenizers, pretrained weights (Hugging Face, GGUF)."""

