@@ -164,6 +164,14 @@ def _group_label(group: SeedGroup) -> str:
                     *(f"{k}={v}" for k, v in group.setting.items())])
 
 
+def accuracy_axis_label(summaries: list[dict]) -> str:
+  """'final test accuracy (%)', or validation, by the runs' `eval_split`; both or unknown:
+  no split named."""
+  splits = {s.get("eval_split") for s in summaries}
+  split = splits.pop() if len(splits) == 1 else None
+  return f"final {split + ' ' if split in ('test', 'validation') else ''}accuracy (%)"
+
+
 def plot_accuracy_vs_sparsity(groups: list[SeedGroup], path: str) -> bool:
   """Final val_accuracy against target_sparsity, one series per sparsifier (and setting), the
   mean over seeds with the std as an error bar; False if no data."""
@@ -183,7 +191,7 @@ def plot_accuracy_vs_sparsity(groups: list[SeedGroup], path: str) -> bool:
     ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], markersize=7,
                 linewidth=1.5, capsize=4, label=label)
   ax.set_xlabel("target sparsity (%)")
-  ax.set_ylabel("final validation accuracy (%)")
+  ax.set_ylabel(accuracy_axis_label([r.summary for g in groups for r in g.runs]))
   seeds = max(len(g.runs) for g in groups)
   ax.set_title("Accuracy vs sparsity" + (" (mean +- std over seeds)" if seeds > 1 else ""))
   ax.grid(True, alpha=0.3)

@@ -87,3 +87,14 @@ def test_run_without_summary_and_bad_workdir(tmp_path):
   assert "curves_only" in md and report.ACCURACY_PNG not in md and report.CURVES_PNG in md
   with pytest.raises(FileNotFoundError):
     report.write_report([str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("splits,label", [
+    (["test", "test"], "final test accuracy (%)"),
+    (["validation"], "final validation accuracy (%)"),
+    (["test", "validation"], "final accuracy (%)"),
+    ([None], "final accuracy (%)"),
+])
+def test_accuracy_axis_names_the_split_the_runs_were_evaluated_on(splits, label):
+  summaries = [{} if s is None else {"eval_split": s} for s in splits]
+  assert report.accuracy_axis_label(summaries) == label
