@@ -1,12 +1,16 @@
 """Plots and a markdown table over finished runs, from their TensorBoard events and summary.json.
 
     python -m safe_dist.report WORKDIR [WORKDIR ...] [--out DIR]
+    python -m safe_dist.report --root ROOT [--out DIR]    # every finished run in ROOT
 
 Writes accuracy_vs_sparsity.png, training_curves.png and report.md to DIR (default: the
-first workdir's `report/`). Only these three files are written; existing ones are replaced,
-and each replacement is reported. Runs whose experiments (experiment.json) differ only by
-`train.seed` form one group: report.md gets a table of mean +- std over the seeds of each
-group, and the plot shows each group's mean with its std as an error bar.
+first workdir's `report/`, or ROOT/report). Only these three files are written; existing ones
+are replaced, and each replacement is reported. Runs whose experiments (experiment.json)
+differ only by `train.seed` form one group: report.md gets a table of mean +- std over the
+seeds of each group, and the plot shows each group's mean with its std as an error bar. Where
+one method was run with several settings on a validation split (--validation_examples), the
+report names the best setting of each (model, dataset, method, sparsity): a tuning budget read
+off validation runs only, never off the test split.
 """
 
 import argparse
@@ -140,6 +144,68 @@ def seed_groups(runs: list[Run]) -> list[SeedGroup]:
       varying |= _differences(a[0], b[0]) or set()
   varying = sorted(varying - {SEED_KEY, *METHOD_KEYS})
   return [SeedGroup(g, {k: g[0].experiment.get(k) for k in varying}) for g in groups]
+
+
+class Selection(NamedTuple):
+  """One method's settings, tried on a validation split, best first."""
+  task: tuple  # (model, dataset, sparsifier, target_sparsity)
+  ranked: list  # SeedGroups by mean validation accuracy, highest first (ties: first run first)
+  knobs: tuple  # the experiment fields that vary among them
+
+  @property
+  def best(self) -> SeedGroup:
+    return self.ranked[0]
+
+
+def _task(group: SeedGroup) -> tuple:
+  s = group.summary
+  return s.get("model"), s.get("dataset"), s.get("sparsifier"), s.get("target_sparsity")
+
+
+def best_settings(groups: list[SeedGroup]) -> list[Selection]:
+  """For each (model, dataset, sparsifier, target sparsity) run with two or more settings, all
+  evaluated on the validation split: the settings ranked by mean validation accuracy over
+  their seeds. Groups with any test-split run take no part: nothing is chosen on test data."""
+  tasks = defaultdict(list)
+  for g in groups:
+    on_validation = all(r.summary.get("eval_split") == "validation" for r in g.runs)
+    if on_validation and g.mean_std("val_accuracy")[0] is not None:
+      tasks[_task(g)].append(g)
+  selections = []
+  for task, candidates in tasks.items():
+    if len(candidates) < 2:
+      continue
+    knobs = set()
+    for i, a in enumerate(candidates):
+      for b in candidates[i + 1:]:
+        knobs |= _differences(a.runs[0], b.runs[0]) or set()
+    ranked = sorted(candidates, key=lambda g: -g.mean_std("val_accuracy")[0])  # stable
+    selections.append(Selection(task, ranked, tuple(sorted(knobs - {SEED_KEY}))))
+  return selections
+
+
+def selection_table(selections: list[Selection]) -> list[str]:
+  """Markdown lines: per method, the best setting, its accuracy and the spread over settings."""
+  lines = ["| model | dataset | sparsifier | target sparsity | settings tried | best setting "
+           "| validation accuracy (%) | worst setting's (%) |",
+           "|---|---|---|---:|---:|---|---:|---:|"]
+  for sel in sorted(selections, key=lambda s: tuple(str(v) for v in s.task)):
+    model, dataset, sparsifier, sparsity = sel.task
+    best = sel.best.runs[0].experiment
+    setting = ", ".join(f"`{k}={best.get(k)}`" for k in sel.knobs) or "-"
+    cells = [str(model), str(dataset), str(sparsifier), _pct(sparsity), str(len(sel.ranked)),
+             setting, mean_std_text(*sel.best.mean_std("val_accuracy")),
+             mean_std_text(*sel.ranked[-1].mean_std("val_accuracy"))]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def finished_workdirs(root: str) -> list[str]:
+  """The run directories directly under root that hold summary.json, by name."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"--root {root!r} is not a directory")
+  return [os.path.join(root, name) for name in sorted(os.listdir(root))
+          if os.path.isfile(os.path.join(root, name, SUMMARY_FILE))]
 
 
 def run_names(workdirs: list[str]) -> list[str]:
@@ -286,6 +352,13 @@ def markdown(runs: list[Run], pngs: list[str]) -> str:
     lines += ["", "## Mean ± std over seeds", "",
               "Runs whose experiments differ only by `train.seed`; std is the sample standard "
               "deviation (ddof=1), left out for a single run.", "", *group_table(groups)]
+  selections = best_settings(groups)
+  if selections:
+    lines += ["", "## Best setting per method (validation)", "",
+              "Each method's settings compared by mean accuracy on held-out training examples "
+              "(--validation_examples) over their seeds; runs on the test split take no part. "
+              "Best setting: the fields in which that method's runs differ.", "",
+              *selection_table(selections)]
   for png in pngs:
     title = os.path.splitext(png)[0].replace("_", " ")
     lines += ["", f"## {title}", "", f"![{title}]({png})", "", f"[{png}]({png})"]
@@ -323,11 +396,24 @@ def write_report(workdirs: list[str], out_dir: Optional[str] = None) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m safe_dist.report", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories")
+  parser.add_argument("workdirs", nargs="*", metavar="WORKDIR", help="run directories")
+  parser.add_argument("--root", default=None,
+                      help="report every finished run (a folder with summary.json) in ROOT")
   parser.add_argument("--out", default=None,
-                      help="output directory (default: the first WORKDIR's report/)")
+                      help="output directory (default: the first WORKDIR's report/, or "
+                           "ROOT/report)")
   args = parser.parse_args(argv)
-  write_report(args.workdirs, args.out)
+  if bool(args.workdirs) == bool(args.root):
+    parser.error("give either WORKDIRs or --root ROOT")
+  workdirs = args.workdirs
+  if args.root:
+    try:
+      workdirs = finished_workdirs(args.root)
+    except FileNotFoundError as e:
+      parser.error(str(e))
+    if not workdirs:
+      parser.error(f"--root {args.root!r} holds no finished run (a folder with {SUMMARY_FILE})")
+  write_report(workdirs, args.out or (args.root and os.path.join(args.root, "report")))
   return 0
 
 

@@ -13,7 +13,9 @@ skipped; any other is run on its workdir, which resumes from its checkpoint. Cel
 local processes, `--parallel` at a time (log: `CELL/train.log`), or with `--slurm` are
 submitted with `sbatch launch/slurm/train.sbatch` (log: `CELL/slurm-<job>.out`; a cell whose
 job is still queued or running is not submitted again). The report over the finished cells
-goes to `ROOT/report/` (`safe_dist.report`: mean +- std over seeds).
+goes to `ROOT/report/` (`safe_dist.report`: mean +- std over seeds), over every finished run
+in ROOT: several sweeps into one root (e.g. one per method, each over its own settings) share
+one report, which names each method's best setting where the runs are on a validation split.
 """
 
 import argparse
@@ -264,11 +266,14 @@ def submit_slurm(cells: list[Cell], script: str, sbatch_args: list[str]) -> None
 
 
 def write_report(root: str, cells: list[Cell]) -> None:
-  finished = [c.workdir for c in cells if c.finished]
+  """The report over every finished run in root: this grid's and earlier sweeps' into it."""
+  finished = report.finished_workdirs(root)
   if not finished:
     _log("no finished cell yet: no report")
     return
-  _log(f"report over {len(finished)} finished cell(s) of {len(cells)}")
+  mine = sum(c.finished for c in cells)
+  _log(f"report over {len(finished)} finished run(s) in {root}: {mine} of this grid's "
+       f"{len(cells)} cell(s), {len(finished) - mine} from other sweeps")
   report.write_report(finished, os.path.join(root, "report"))
 
 

@@ -98,3 +98,79 @@ def test_run_without_summary_and_bad_workdir(tmp_path):
 def test_accuracy_axis_names_the_split_the_runs_were_evaluated_on(splits, label):
   summaries = [{} if s is None else {"eval_split": s} for s in splits]
   assert report.accuracy_axis_label(summaries) == label
+
+
+def _tuning_run(root, name, record, summary):
+  run = root / name
+  run.mkdir()
+  (run / "experiment.json").write_text(json.dumps(record))
+  (run / "summary.json").write_text(json.dumps(summary))
+  return str(run)
+
+
+def test_best_setting_per_method_is_read_off_validation_runs_only(tmp_path):
+  """Fresh random accuracies with ties: each method's best setting is numpy's argmax over the
+  mean of its seeds (the first setting on a tie); test-split runs and a method with one setting
+  take no part; `--root` reports every finished run in the folder."""
+  from safe_dist import workdir
+  from safe_dist.experiment import Experiment
+  rng = np.random.default_rng()
+  base = workdir.experiment_record(Experiment())
+  # method -> the knob it is tuned over and its values
+  knobs = {"safe": ("sparsifier.rho", [0.02, 0.05, 0.1]),
+           "gmp": ("sparsifier.end_fraction", [0.5, 0.75, 0.9, 0.95])}
+  expected = {}
+  for method, (knob, values) in knobs.items():
+    # Accuracies on a coarse grid so that ties between settings are likely.
+    acc = rng.integers(0, 3, size=(len(values), 2)) / 100 + 0.8
+    if method == "gmp":
+      acc[1], acc[3] = acc[3] + 0.01, acc[3] + 0.01  # a tie at the top: the first one wins
+    for i, value in enumerate(values):
+      for seed in (1, 2):
+        _tuning_run(tmp_path, f"{method}_{i}_seed{seed}",  # by name: in order
+                    {**base, "sparsifier.name": method, knob: value, "train.seed": seed,
+                     "data.validation_examples": 5000},
+                    {"model": "LeNet300-100", "dataset": "mnist", "sparsifier": method,
+                     "target_sparsity": 0.95, "val_accuracy": float(acc[i, seed - 1]),
+                     "eval_split": "validation"})
+    means = acc.mean(axis=1)
+    expected[method] = (knob, values[int(np.argmax(means))], means.max(), means.min(),
+                        acc[int(np.argmax(means))])
+  # A better setting on the test split, and a method tried once: neither is selected.
+  _tuning_run(tmp_path, "safe_test_split", {**base, "sparsifier.name": "safe",
+                                            "sparsifier.rho": 0.3},
+              {"model": "LeNet300-100", "dataset": "mnist", "sparsifier": "safe",
+               "target_sparsity": 0.95, "val_accuracy": 0.99, "eval_split": "test"})
+  _tuning_run(tmp_path, "iht_once", {**base, "sparsifier.name": "iht",
+                                     "data.validation_examples": 5000},
+              {"model": "LeNet300-100", "dataset": "mnist", "sparsifier": "iht",
+               "target_sparsity": 0.95, "val_accuracy": 0.97, "eval_split": "validation"})
+  runs = [report.load_run(w, os.path.basename(w)) for w in report.finished_workdirs(tmp_path)]
+  selections = report.best_settings(report.seed_groups(runs))
+  assert sorted(s.task[2] for s in selections) == ["gmp", "safe"]
+  for sel in selections:
+    knob, value, best, worst, seeds = expected[sel.task[2]]
+    assert sel.knobs == (knob,)
+    assert sel.best.runs[0].experiment[knob] == value
+    np.testing.assert_allclose(sel.best.mean_std("val_accuracy")[0], best)
+    np.testing.assert_allclose(sel.ranked[-1].mean_std("val_accuracy")[0], worst)
+    assert sorted(r.summary["val_accuracy"] for r in sel.best.runs) == sorted(seeds)
+  assert report.main(["--root", str(tmp_path)]) == 0
+  md = (tmp_path / "report" / report.REPORT_MD).read_text()
+  assert "safe_test_split" in md and "iht_once" in md  # every finished run is reported
+  for method, (knob, value, best, worst, seeds) in expected.items():
+    std = np.std(100 * seeds, ddof=1)
+    row = (f"| LeNet300-100 | mnist | {method} | 95.00% | {len(knobs[method][1])} "
+           f"| `{knob}={value}` | {100 * best:.2f} ± {std:.2f} |")
+    assert row in md, (row, md)
+
+
+def test_root_flag_is_checked(tmp_path, capsys):
+  for argv, message in (([], "either WORKDIRs or --root"),
+                        (["--root", str(tmp_path), str(tmp_path)], "either WORKDIRs or --root"),
+                        (["--root", str(tmp_path / "missing")], "is not a directory"),
+                        (["--root", str(tmp_path)], "holds no finished run")):
+    with pytest.raises(SystemExit):
+      report.main(argv)
+    assert message in capsys.readouterr().err
+  assert not (tmp_path / "report").exists()

@@ -76,6 +76,11 @@ def test_second_run_skips_the_finished_cell_and_resumes_the_interrupted_one(grid
   (interrupted / "summary.json").unlink()
   for step in ("16", "24"):
     shutil.rmtree(interrupted / "checkpoints" / step)
+  # A finished run of another sweep into the same root: the report covers it too.
+  other = root / "sparsifier-admm_seed-1"
+  other.mkdir()
+  for name in ("summary.json", "experiment.json"):
+    shutil.copy(finished / name, other / name)
   untouched = {p: (p.stat().st_mtime_ns, p.stat().st_size)
                for p in (finished / "summary.json", finished / "train.log",
                          finished / "experiment.json")}
@@ -89,7 +94,9 @@ def test_second_run_skips_the_finished_cell_and_resumes_the_interrupted_one(grid
   log = (interrupted / "train.log").read_text()
   assert "resumed from the checkpoint of step 8" in log, log[-3000:]
   assert _summary(root, CELLS[1])["steps"] == 24
-  assert "report over 2 finished cell(s) of 2" in out
+  assert "report over 3 finished run(s) in" in out, out
+  assert "2 of this grid's 2 cell(s), 1 from other sweeps" in out, out
+  assert "sparsifier-admm_seed-1" in (root / "report" / "report.md").read_text()
 
 
 # Each case: sweep.main(argv) in one process; prints [exit status, stdout, stderr] per case.
