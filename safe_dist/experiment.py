@@ -149,6 +149,9 @@ class Experiment:
           f"do not go together: text corpora {data.CORPUS_NAMES} train --model llama on the "
           "next_token task (config:lm_shakespeare_tiny), image datasets a vision model on "
           "classification")
+    if self.sparsifier.penalty_pull is not None and self.optimizer.name != "sgd":
+      raise ValueError(f"--penalty_pull needs --optimizer sgd (the pull sums SGD's lr x lambda "
+                       f"steps); got --optimizer {self.optimizer.name}: set --lambda instead")
     for s in self.eval_sparsities:
       if not 0.0 <= s < 1.0:
         raise ValueError(f"--eval_sparsities must lie in [0, 1), got {s}")

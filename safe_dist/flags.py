@@ -65,6 +65,7 @@ _FLAG_PATHS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "nm": ("sparsifier.n_m", _parse_nm),
     "lambda": ("sparsifier.lam", float),
     "lambda_schedule": ("sparsifier.lambda_schedule", str),
+    "penalty_pull": ("sparsifier.penalty_pull", float),
     "dual_update_interval": ("sparsifier.dual_update_interval", int),
     "sp_schedule": ("sparsifier.sp_schedule", str),
     "rho": ("sparsifier.rho", float),
@@ -115,6 +116,10 @@ def define_flags() -> Any:
   flags.DEFINE_string("nm", None, "N:M pattern for --sp_scope nm, e.g. 2:4.")
   flags.DEFINE_integer("bnt_sample_size", 10000, "Samples for BatchNorm re-calibration.")
   flags.DEFINE_float("lambda", 0.0001, "Penalty lambda of SAFE and ADMM.")
+  flags.DEFINE_float("penalty_pull", None, "Instead of --lambda: the total pull P = sum_t "
+                     "lr(t) lambda(t) / (1 - momentum) the penalty reaches over the run (SGD; "
+                     "SAFE, SAFE+, ADMM); lambda is scaled to it. P ~ 10-30 closes the "
+                     "constraint gap (BUILD_NOTES.md).")
   flags.DEFINE_string("lambda_schedule", "cosine", "Lambda schedule (constant, linear, cosine); "
                       "when not given: constant for admm, cosine for safe and safe_plus.")
   flags.DEFINE_integer("dual_update_interval", 32, "Steps K between updates of z and u.")

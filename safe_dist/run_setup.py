@@ -80,8 +80,8 @@ class Run:
     (a sum over every step's schedules), for the start-of-run log and the summary."""
     if self.exp.optimizer.name != "sgd":
       return None
-    return self.exp.sparsifier.penalty_pull(self.lr_fn, self.plan.total_steps,
-                                            self.exp.optimizer.momentum)
+    return self.exp.sparsifier.penalty_pull_of(self.lr_fn, self.plan.total_steps,
+                                               self.exp.optimizer.momentum)
 
   def project(self, params, sparsity: Optional[float] = None):
     """Proj_d(params) (prunable kernels masked; `sparsity` defaults to the target)."""
@@ -142,6 +142,9 @@ def setup(exp: Experiment, devices=None, info: Optional[data_lib.DatasetInfo] = 
   plan = make_plan(exp, num_train)
   model = exp.model.build(info, exp.train.half_precision)
   lr_fn = optim.learning_rate_schedule(exp.optimizer, plan.steps_per_epoch, plan.total_steps)
+  # --penalty_pull: lambda from the pull it must reach over this run's schedules.
+  exp = dataclasses.replace(exp, sparsifier=exp.sparsifier.resolve_penalty_pull(
+      lr_fn, plan.total_steps, exp.optimizer.momentum))
   dummy = task.dummy_input(info.input_shape)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
   param_shardings = sharding.shardings_for(boxed["params"], mesh)

@@ -283,13 +283,15 @@ def log_penalty_pull(run: Run) -> None:
   pull = run.penalty_pull
   if pull is None:
     return
-  logging.info("penalty pull P = sum_t lr(t) lambda(t) / (1 - momentum) = %.3g", pull)
+  logging.info("penalty pull P = sum_t lr(t) lambda(t) / (1 - momentum) = %.3g (lambda %.4g)",
+               pull, run.exp.sparsifier.lam)
   if 0 < pull < LOW_PENALTY_PULL:
     logging.warning(
         "the penalty's pull P = %.3g is low: the constraint gap ||x - z|| / ||x|| will likely "
         "stay open and the final hard projection cost accuracy; P ~ %g needs --lambda %.2g "
-        "with this schedule (BUILD_NOTES.md, \"How strong the penalty must be\")", pull,
-        GOOD_PENALTY_PULL, run.exp.sparsifier.lam * GOOD_PENALTY_PULL / pull)
+        "(or --penalty_pull %g) with this schedule (BUILD_NOTES.md, \"How strong the penalty "
+        "must be\")", pull, GOOD_PENALTY_PULL, run.exp.sparsifier.lam * GOOD_PENALTY_PULL / pull,
+        GOOD_PENALTY_PULL)
 
 
 def finalize(run: Run, state: TrainState, writer: MetricWriter,
@@ -315,6 +317,8 @@ def finalize(run: Run, state: TrainState, writer: MetricWriter,
       "sparsifier": exp.sparsifier.name,
       "target_sparsity": exp.sparsifier.target_sparsity,
       "penalty_pull": run.penalty_pull,
+      # The lambda in use: --lambda, or the one --penalty_pull resolved to.
+      "lambda": exp.sparsifier.lam if exp.sparsifier.penalized else None,
       "weight_sparsity": final.description["weight_sparsity"],
       "bn_recalibrated": final.description["bn_recalibrated"],
       **{f"val_{k}": v for k, v in rates.items() if not k.startswith("num_")},

@@ -24,6 +24,8 @@ REFERENCE_COMMAND = ("--model VGG19-bn --dataset cifar10 --num_epochs 300 --spar
      "allowed: 0, 1, 2, 4, 8, 16, 128"),
     (["--config", "config:nonexistent"], "nonexistent", ""),
     (["--validation_examples", "-1"], "--validation_examples", ">= 0"),
+    (["--sparsifier", "gmp", "--penalty_pull", "10"], "--penalty_pull",
+     "'safe', 'safe_plus', 'admm'"),
     (["--validation_examples", "2048", "--dataset", "synthetic"], "--validation_examples",
      "smaller than the 2048 examples of the training split"),
 ])

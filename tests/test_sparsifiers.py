@@ -376,5 +376,47 @@ def test_penalty_pull_is_the_float64_sum_of_lr_times_lambda(name, schedule):
     penalty = {"constant": lam, "linear": lam * frac,
                "cosine": lam * (1 - np.cos(np.pi * frac)) / 2}[cfg.resolved_lambda_schedule]
     expected += rate * penalty / (1 - momentum)
-  np.testing.assert_allclose(cfg.penalty_pull(lr_fn, total, momentum), expected, rtol=1e-5)
-  assert SparsifierConfig(name="gmp").penalty_pull(lr_fn, total, momentum) is None
+  np.testing.assert_allclose(cfg.penalty_pull_of(lr_fn, total, momentum), expected, rtol=1e-5)
+  assert SparsifierConfig(name="gmp").penalty_pull_of(lr_fn, total, momentum) is None
+  # --penalty_pull: lambda scaled so that the pull is P (P is linear in lambda).
+  target = rng.uniform(1.0, 50.0)
+  resolved = SparsifierConfig(name=name, lambda_schedule=schedule,
+                              penalty_pull=target).resolve_penalty_pull(lr_fn, total, momentum)
+  assert resolved.penalty_pull is None and cfg.resolve_penalty_pull(lr_fn, total, momentum) is cfg
+  np.testing.assert_allclose(resolved.lam, lam * target / expected, rtol=1e-5)
+  np.testing.assert_allclose(resolved.penalty_pull_of(lr_fn, total, momentum), target, rtol=1e-5)
+
+
+def test_penalty_pull_is_refused_where_it_means_nothing():
+  from safe_dist import optim  # pylint: disable=import-outside-toplevel
+  from trainer_helpers import debug_experiment  # pylint: disable=import-outside-toplevel
+  for fields, message in (({"name": "gmp", "penalty_pull": 10.0}, "--sparsifier gmp has no "),
+                          ({"name": "safe", "penalty_pull": 0.0}, "must be > 0")):
+    with pytest.raises(ValueError, match=message):
+      SparsifierConfig(**fields)
+  with pytest.raises(ValueError, match="--penalty_pull needs --optimizer sgd.*adamw"):
+    debug_experiment(**{"sparsifier.penalty_pull": 10.0, "optimizer.name": "adamw"})
+  with pytest.raises(ValueError, match="must be resolved"):  # never silently the config's lam
+    make_optimizer(SparsifierConfig(penalty_pull=10.0), optim.make_base_optimizer(
+        optim.OptimizerConfig(), optax.constant_schedule(0.1)), 100)
+
+
+def test_run_trains_with_the_lambda_its_penalty_pull_resolves_to():
+  """ADMM (constant lambda) on the debug config with --penalty_pull P: the run's lambda, its
+  logged pull and the lambda the first train step applies are the resolved ones."""
+  from safe_dist import run_setup  # pylint: disable=import-outside-toplevel
+  from trainer_helpers import debug_experiment  # pylint: disable=import-outside-toplevel
+  target = float(np.random.default_rng().uniform(2.0, 30.0))
+  exp = debug_experiment(**{"sparsifier.name": "admm", "sparsifier.rho": 0.0,
+                            "sparsifier.penalty_pull": target})
+  run = run_setup.setup(exp)
+  unit = run.exp.sparsifier.penalty_pull_of(run.lr_fn, run.plan.total_steps,
+                                            exp.optimizer.momentum) / run.exp.sparsifier.lam
+  np.testing.assert_allclose(run.penalty_pull, target, rtol=1e-5)
+  np.testing.assert_allclose(run.exp.sparsifier.lam, target / unit, rtol=1e-5)
+  assert run.exp.sparsifier.lam != exp.sparsifier.lam
+  state = run.init(exp.train.seed)
+  batch = {"image": jnp.ones((exp.train.batch_size, *run.info.input_shape), jnp.float32),
+           "label": jnp.zeros((exp.train.batch_size,), jnp.int32)}
+  _, metrics = run.train_step(state, batch)
+  np.testing.assert_allclose(float(metrics["admm/lambda"]), run.exp.sparsifier.lam, rtol=1e-6)

@@ -25,6 +25,10 @@ class SparsifierConfig:
   `resolved_lambda_schedule`), dual_update_interval (K), rho (SAM radius, SAFE),
   sam_group_size [--sam_group_size] (m-sharpness: the SAM perturbation per group of m
   examples; 0: one for the whole global batch).
+  penalty_pull [--penalty_pull]: when set, lambda is not `lam` but the scale that gives this
+  total pull P = sum_t lr(t) lambda(t) / (1 - momentum) under SGD over the run
+  (`resolve_penalty_pull`, applied when the run is set up): one P carries over budgets,
+  schedules and methods where one lambda does not.
   SAFE+: importance [--importance] "activation" (input norms, Wanda-style) or "grad_sq".
   GMP/IHT: sp_schedule from `begin_fraction` to `end_fraction` of training, GMP every
   `prune_interval` steps. magnitude: prune once at `prune_fraction` of training, then fine-tune.
@@ -44,10 +48,17 @@ class SparsifierConfig:
   end_fraction: float = 0.75
   prune_interval: int = 100
   prune_fraction: float = 0.5
+  penalty_pull: Optional[float] = None
 
   def __post_init__(self):
     if self.name not in SPARSIFIERS:
       raise ValueError(f"--sparsifier must be one of {SPARSIFIERS}, got {self.name!r}")
+    if self.penalty_pull is not None:
+      if not self.penalized:
+        raise ValueError(f"--penalty_pull sets the lambda of {PENALIZED}; --sparsifier "
+                         f"{self.name} has no penalty (leave --penalty_pull unset)")
+      if not self.penalty_pull > 0:
+        raise ValueError(f"--penalty_pull must be > 0, got {self.penalty_pull}")
     if not 0.0 <= self.begin_fraction <= self.end_fraction <= 1.0:
       raise ValueError("sparsifier.begin_fraction <= sparsifier.end_fraction must lie in [0, 1]")
     # Every other value is checked once, by the part that uses it (its error names the flag):
@@ -63,6 +74,11 @@ class SparsifierConfig:
                        f"safe or safe_plus with --rho > 0); got --sparsifier {self.name} with "
                        f"--rho {self.rho}")
     baselines.gmp(projection, self.sparsity_schedule(1), self.prune_interval, 1)
+
+  @property
+  def penalized(self) -> bool:
+    """An augmented-Lagrangian method (SAFE, SAFE+, ADMM): it has a penalty lambda."""
+    return self.name in PENALIZED
 
   @property
   def uses_sam(self) -> bool:
@@ -85,13 +101,26 @@ class SparsifierConfig:
     """lambda(t) of SAFE/SAFE+/ADMM."""
     return schedules.penalty_schedule(self.lam, self.resolved_lambda_schedule, total_steps)
 
-  def penalty_pull(self, lr_fn: optax.Schedule, total_steps: int,
-                   momentum: float) -> Optional[float]:
+  def penalty_pull_of(self, lr_fn: optax.Schedule, total_steps: int,
+                      momentum: float) -> Optional[float]:
     """`schedules.penalty_pull` of this penalty under SGD with `lr_fn` and `momentum`; None for
     the methods without one."""
-    if self.name not in PENALIZED:
+    if not self.penalized:
       return None
     return schedules.penalty_pull(lr_fn, self.penalty(total_steps), total_steps, momentum)
+
+  def resolve_penalty_pull(self, lr_fn: optax.Schedule, total_steps: int,
+                           momentum: float) -> "SparsifierConfig":
+    """This config with `lam` set so that its pull under SGD is `penalty_pull` (and
+    penalty_pull cleared); itself when penalty_pull is unset. P is linear in lambda."""
+    if self.penalty_pull is None:
+      return self
+    unit = dataclasses.replace(self, lam=1.0, penalty_pull=None)
+    pull = unit.penalty_pull_of(lr_fn, total_steps, momentum)
+    if not pull > 0:
+      raise ValueError(f"--penalty_pull {self.penalty_pull}: the learning rate and lambda "
+                       f"schedules over {total_steps} steps give no pull to scale")
+    return dataclasses.replace(unit, lam=self.penalty_pull / pull)
 
   def sparsity_schedule(self, total_steps: int) -> optax.Schedule:
     """s(t) of GMP and IHT: from 0 at `begin_fraction` to `sparsity` at `end_fraction`."""
@@ -124,6 +153,9 @@ def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
   if cfg.name == "none":
     return optax.with_extra_args_support(base)
   if cfg.name in PENALIZED:
+    if cfg.penalty_pull is not None:
+      raise ValueError("sparsifier.penalty_pull must be resolved to a lambda "
+                       "(SparsifierConfig.resolve_penalty_pull) before the optimizer is built")
     importance = cfg.importance if cfg.name == "safe_plus" else None
     parts = [optax.masked(admm(projection, cfg.penalty(total_steps), cfg.dual_update_interval,
                                importance), prunable_tree), base]
