@@ -129,6 +129,15 @@ def _differ_only_by_seed(a: Run, b: Run) -> bool:
   return differ is not None and differ <= {SEED_KEY}
 
 
+def _varying_fields(runs: list[Run]) -> set:
+  """Experiment fields in which some two of the runs differ."""
+  varying = set()
+  for i, a in enumerate(runs):
+    for b in runs[i + 1:]:
+      varying |= _differences(a, b) or set()
+  return varying
+
+
 def seed_groups(runs: list[Run]) -> list[SeedGroup]:
   """The runs grouped by experiment up to the seed, in order of first appearance."""
   groups: list[list[Run]] = []
@@ -138,11 +147,7 @@ def seed_groups(runs: list[Run]) -> list[SeedGroup]:
       groups.append([run])
     else:
       home.append(run)
-  varying = set()
-  for i, a in enumerate(groups):
-    for b in groups[i + 1:]:
-      varying |= _differences(a[0], b[0]) or set()
-  varying = sorted(varying - {SEED_KEY, *METHOD_KEYS})
+  varying = sorted(_varying_fields([g[0] for g in groups]) - {SEED_KEY, *METHOD_KEYS})
   return [SeedGroup(g, {k: g[0].experiment.get(k) for k in varying}) for g in groups]
 
 
@@ -175,10 +180,7 @@ def best_settings(groups: list[SeedGroup]) -> list[Selection]:
   for task, candidates in tasks.items():
     if len(candidates) < 2:
       continue
-    knobs = set()
-    for i, a in enumerate(candidates):
-      for b in candidates[i + 1:]:
-        knobs |= _differences(a.runs[0], b.runs[0]) or set()
+    knobs = _varying_fields([g.runs[0] for g in candidates])
     ranked = sorted(candidates, key=lambda g: -g.mean_std("val_accuracy")[0])  # stable
     selections.append(Selection(task, ranked, tuple(sorted(knobs - {SEED_KEY}))))
   return selections

@@ -152,7 +152,7 @@ def make_optimizer(cfg: SparsifierConfig, base: optax.GradientTransformation,
   projection = cfg.projection if projection is None else projection
   if cfg.name == "none":
     return optax.with_extra_args_support(base)
-  if cfg.name in PENALIZED:
+  if cfg.penalized:
     if cfg.penalty_pull is not None:
       raise ValueError("sparsifier.penalty_pull must be resolved to a lambda "
                        "(SparsifierConfig.resolve_penalty_pull) before the optimizer is built")
