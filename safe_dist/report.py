@@ -7,7 +7,8 @@ Writes accuracy_vs_sparsity.png, training_curves.png and report.md to DIR (defau
 first workdir's `report/`, or ROOT/report). Only these three files are written; existing ones
 are replaced, and each replacement is reported. Runs whose experiments (experiment.json)
 differ only by `train.seed` form one group: report.md gets a table of mean +- std over the
-seeds of each group, and the plot shows each group's mean with its std as an error bar. Where
+seeds of each group, and the plot shows each group's mean with its std as an error bar (one
+panel per method where a method ran with several settings). Where
 one method was run with several settings on a validation split (--validation_examples), the
 report names the best setting of each (model, dataset, method, sparsity): a tuning budget read
 off validation runs only, never off the test split.
@@ -36,6 +37,8 @@ SUMMARY_FILE = "summary.json"
 ACCURACY_PNG = "accuracy_vs_sparsity.png"
 CURVES_PNG = "training_curves.png"
 REPORT_MD = "report.md"
+# Past this many runs the training curves are colored by sparsifier rather than by run.
+MAX_CURVE_RUNS = 10
 CURVE_TAGS = (
     ("train/loss", "training loss"),
     ("val/masked_accuracy", "accuracy (projected weights)"),
@@ -227,9 +230,29 @@ def _pyplot():
   return plt
 
 
-def _group_label(group: SeedGroup) -> str:
-  return ", ".join([group.summary.get("sparsifier", "?"),
-                    *(f"{k}={v}" for k, v in group.setting.items())])
+def _knob_text(field: str, value) -> str:
+  # Within a sparsifier's panel its own fields need no prefix.
+  return f"{field.removeprefix('sparsifier.')}={value}"
+
+
+def accuracy_series(groups: list[SeedGroup]) -> dict:
+  """{sparsifier: {setting: [(target sparsity %, mean accuracy %, std %), ...]}}: one series per
+  setting of a method, the setting named by the fields in which that method's groups differ
+  (sparsity and seed aside), so a tuning root's ADMM runs are told apart by lambda alone."""
+  by_method = defaultdict(list)
+  for g in groups:
+    if g.summary.get("target_sparsity") is not None and g.mean_std("val_accuracy")[0] is not None:
+      by_method[g.summary.get("sparsifier", "?")].append(g)
+  series = {}
+  for method, method_groups in sorted(by_method.items()):
+    knobs = sorted(_varying_fields([g.runs[0] for g in method_groups]) - {SEED_KEY, *METHOD_KEYS})
+    lines = defaultdict(list)
+    for g in method_groups:
+      mean, std = g.mean_std("val_accuracy")
+      setting = ", ".join(_knob_text(k, g.runs[0].experiment.get(k)) for k in knobs)
+      lines[setting or "one setting"].append((100 * g.summary["target_sparsity"], 100 * mean, 100 * (std or 0.0)))
+    series[method] = {label: sorted(points) for label, points in sorted(lines.items())}
+  return series
 
 
 def accuracy_axis_label(summaries: list[dict]) -> str:
@@ -240,34 +263,67 @@ def accuracy_axis_label(summaries: list[dict]) -> str:
   return f"final {split + ' ' if split in ('test', 'validation') else ''}accuracy (%)"
 
 
+def _draw_series(ax, lines: dict, legend_title: str) -> None:
+  """Error-bar lines; where all points share one sparsity they are spread sideways (±0.4) so
+  that the settings do not hide one another."""
+  markers = "osD^vP*X"
+  xs = {x for points in lines.values() for x, _, _ in points}
+  spread = 0.8 / max(len(lines) - 1, 1) if len(xs) == 1 and len(lines) > 1 else 0.0
+  for i, (label, points) in enumerate(lines.items()):
+    x, y, err = zip(*points)
+    x = np.asarray(x) + spread * (i - (len(lines) - 1) / 2)
+    ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], markersize=6,
+                linewidth=1.5, capsize=3, label=label)
+  if spread:
+    ax.set_xticks(sorted(xs))
+  ax.grid(True, alpha=0.3)
+  ax.legend(title=legend_title, fontsize="small", title_fontsize="small")
+
+
 def plot_accuracy_vs_sparsity(groups: list[SeedGroup], path: str) -> bool:
-  """Final val_accuracy against target_sparsity, one series per sparsifier (and setting), the
-  mean over seeds with the std as an error bar; False if no data."""
-  series = defaultdict(list)
-  for g in groups:
-    mean, std = g.mean_std("val_accuracy")
-    if g.summary.get("target_sparsity") is not None and mean is not None:
-      series[_group_label(g)].append((100 * g.summary["target_sparsity"], 100 * mean,
-                                      100 * (std or 0.0)))
+  """Final val_accuracy against target_sparsity, the mean over seeds with the std as an error
+  bar: one line per sparsifier, or, where a sparsifier was run with several settings (a
+  tuning root), one panel per sparsifier with a line per setting. False if no data."""
+  series = accuracy_series(groups)
   if not series:
     return False
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6.4, 4.8))
-  markers = "osD^vP*X"
-  for i, (label, points) in enumerate(sorted(series.items())):
-    x, y, err = zip(*sorted(points))
-    ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], markersize=7,
-                linewidth=1.5, capsize=4, label=label)
-  ax.set_xlabel("target sparsity (%)")
-  ax.set_ylabel(accuracy_axis_label([r.summary for g in groups for r in g.runs]))
   seeds = max(len(g.runs) for g in groups)
-  ax.set_title("Accuracy vs sparsity" + (" (mean +- std over seeds)" if seeds > 1 else ""))
-  ax.grid(True, alpha=0.3)
-  ax.legend(title="sparsifier")
+  title = "Accuracy vs sparsity" + (" (mean +- std over seeds)" if seeds > 1 else "")
+  ylabel = accuracy_axis_label([r.summary for g in groups for r in g.runs])
+  if all(len(lines) == 1 for lines in series.values()):
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    _draw_series(ax, {method: next(iter(lines.values())) for method, lines in series.items()},
+                 "sparsifier")
+    ax.set_xlabel("target sparsity (%)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+  else:
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows + 0.5), sharey=True,
+                             squeeze=False)
+    for ax, (method, lines) in zip(axes.flat, series.items()):
+      _draw_series(ax, lines, "setting")
+      ax.set_title(method)
+      ax.set_xlabel("target sparsity (%)")
+    for ax in axes[:, 0]:
+      ax.set_ylabel(ylabel)
+    for ax in list(axes.flat)[len(series):]:
+      ax.set_visible(False)
+    fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return True
+
+
+def curve_keys(runs: list[Run]) -> tuple[list[str], str]:
+  """The legend entry of each run's curves and the legend's title: the run's name, or, past
+  MAX_CURVE_RUNS runs (a tuning root), its sparsifier, so that a method's runs share a color."""
+  if len(runs) <= MAX_CURVE_RUNS:
+    return [r.name for r in runs], "run"
+  return [r.summary.get("sparsifier", r.name) for r in runs], f"sparsifier ({len(runs)} runs)"
 
 
 def plot_training_curves(runs: list[Run], path: str) -> bool:
@@ -280,23 +336,27 @@ def plot_training_curves(runs: list[Run], path: str) -> bool:
   rows = math.ceil(len(tags) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows + 0.6), squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  keys, legend_title = curve_keys(runs)
+  entries = list(dict.fromkeys(keys))
+  color_of = {key: colors[i % len(colors)] for i, key in enumerate(entries)}
+  shared = len(entries) < len(runs)
   for ax, (tag, label) in zip(axes.flat, tags):
-    for i, r in enumerate(runs):
+    for r, key in zip(runs, keys):
       if tag in r.scalars:
         steps, values = r.scalars[tag]
-        ax.plot(steps, values, color=colors[i % len(colors)], linewidth=1.5, label=r.name,
-                marker="o" if len(steps) < 25 else None, markersize=3)
+        ax.plot(steps, values, color=color_of[key], linewidth=1.0 if shared else 1.5,
+                alpha=0.6 if shared else 1.0, marker="o" if len(steps) < 25 else None,
+                markersize=3)
     ax.set_title(tag)
     ax.set_xlabel("step")
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
   for ax in list(axes.flat)[len(tags):]:
     ax.set_visible(False)
-  handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2, label=r.name)
-             for i, r in enumerate(runs)]
-  fig.legend(handles=handles, loc="lower center", ncol=min(len(runs), 4), frameon=False,
-             title="run")
-  legend_rows = math.ceil(len(runs) / 4)
+  handles = [plt.Line2D([], [], color=color_of[key], linewidth=2, label=key) for key in entries]
+  fig.legend(handles=handles, loc="lower center", ncol=min(len(entries), 4), frameon=False,
+             title=legend_title)
+  legend_rows = math.ceil(len(entries) / 4)
   fig.tight_layout(rect=(0, (0.45 + 0.25 * legend_rows) / (3.6 * rows + 0.6), 1, 1))
   fig.savefig(path, dpi=100)
   plt.close(fig)

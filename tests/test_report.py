@@ -165,6 +165,55 @@ def test_best_setting_per_method_is_read_off_validation_runs_only(tmp_path):
     assert row in md, (row, md)
 
 
+def test_accuracy_series_name_each_method_by_its_own_knobs(tmp_path):
+  """A tuning root: each method's lines are told apart by the fields in which its own runs
+  differ (not another method's knobs), and each point is the float64 mean and std (ddof 1) of
+  its seeds; the plot gets one panel per method."""
+  from safe_dist import workdir
+  from safe_dist.experiment import Experiment
+  rng = np.random.default_rng()
+  base = workdir.experiment_record(Experiment())
+  knobs = {"admm": ("sparsifier.lam", [0.01, 0.02]),
+           "gmp": ("sparsifier.end_fraction", [0.5, 0.75, 0.9])}
+  expected = {}
+  for method, (knob, values) in knobs.items():
+    for value in values:
+      for sparsity in (0.9, 0.99):
+        acc = rng.uniform(0.7, 0.99, size=3)
+        for seed in (1, 2, 3):
+          _tuning_run(tmp_path, f"{method}_{value}_{sparsity}_seed{seed}",
+                      {**base, "sparsifier.name": method, "sparsifier.sparsity": sparsity,
+                       knob: value, "train.seed": seed},
+                      {"model": "LeNet300-100", "dataset": "mnist", "sparsifier": method,
+                       "target_sparsity": sparsity, "val_accuracy": float(acc[seed - 1])})
+        label = f"{knob.removeprefix('sparsifier.')}={value}"
+        expected.setdefault(method, {}).setdefault(label, []).append(
+            (100 * sparsity, 100 * acc.mean(), 100 * acc.std(ddof=1)))
+  runs = [report.load_run(w, os.path.basename(w)) for w in report.finished_workdirs(tmp_path)]
+  series = report.accuracy_series(report.seed_groups(runs))
+  assert series.keys() == expected.keys()
+  for method, lines in expected.items():
+    assert series[method].keys() == lines.keys()
+    for label, points in lines.items():
+      np.testing.assert_allclose(series[method][label], sorted(points), rtol=1e-12)
+  path = str(tmp_path / "acc.png")
+  assert report.plot_accuracy_vs_sparsity(report.seed_groups(runs), path)
+  width, height = _png_size(path)
+  assert width > 2 * height  # two panels side by side (one plot: 4:3)
+
+
+@pytest.mark.parametrize("count", [report.MAX_CURVE_RUNS, report.MAX_CURVE_RUNS + 1])
+def test_training_curves_of_many_runs_are_colored_by_sparsifier(count):
+  methods = ["safe", "admm", "gmp"]
+  runs = [report.Run(f"run{i}", "", {"sparsifier": methods[i % 3]}, {}, {}) for i in range(count)]
+  keys, title = report.curve_keys(runs)
+  if count <= report.MAX_CURVE_RUNS:
+    assert (keys, title) == ([r.name for r in runs], "run")
+  else:
+    assert keys == [methods[i % 3] for i in range(count)]
+    assert title == f"sparsifier ({count} runs)"
+
+
 def test_root_flag_is_checked(tmp_path, capsys):
   for argv, message in (([], "either WORKDIRs or --root"),
                         (["--root", str(tmp_path), str(tmp_path)], "either WORKDIRs or --root"),
