@@ -29,10 +29,15 @@ from safe_dist import workdir as workdir_lib
 SEED_KEY = "train.seed"
 # Experiment fields that have their own columns in the tables.
 METHOD_KEYS = ("sparsifier.name", "sparsifier.sparsity")
-# (summary key, column) of the per-group table: mean +- std over the seeds.
-GROUP_METRICS = (("val_accuracy", "accuracy (%)"),
-                 ("val_accuracy_before_projection", "accuracy of x before projection (%)"),
-                 ("weight_sparsity", "measured sparsity (%)"))
+# (key, column, in percent) of the per-group table: mean +- std over the seeds. A key is a
+# summary.json field or, failing that, a TensorBoard tag's value at the run's last step
+# (`Run.final`); a column no group has is left out.
+GROUP_METRICS = (("val_accuracy", "accuracy (%)", True),
+                 ("val_accuracy_before_projection", "accuracy of x before projection (%)", True),
+                 ("weight_sparsity", "measured sparsity (%)", True),
+                 ("sharpness/hessian_max_eig_projected",
+                  "top Hessian eigenvalue, final network", False),
+                 ("sharpness/hessian_trace_projected", "Hessian trace, final network", False))
 SUMMARY_FILE = "summary.json"
 ACCURACY_PNG = "accuracy_vs_sparsity.png"
 CURVES_PNG = "training_curves.png"
@@ -57,6 +62,16 @@ class Run(NamedTuple):
   scalars: dict  # tag -> (steps, values), sorted by step
   experiment: dict  # the record of experiment.json ({} where there is none)
 
+  def final(self, key: str) -> Optional[float]:
+    """summary.json's `key`, or the value of the TensorBoard tag `key` logged at the run's
+    last step (summary's `steps`): a measurement of the final network, not of an earlier one."""
+    if self.summary.get(key) is not None:
+      return self.summary[key]
+    steps, values = self.scalars.get(key, ((), ()))
+    if len(steps) and steps[-1] == self.summary.get("steps"):
+      return float(values[-1])
+    return None
+
 
 class SeedGroup(NamedTuple):
   """Runs of one experiment that differ only by seed (a run without experiment.json is a
@@ -65,8 +80,8 @@ class SeedGroup(NamedTuple):
   setting: dict  # values of the fields, other than method and sparsity, that vary by group
 
   def values(self, key: str) -> np.ndarray:
-    return np.array([r.summary[key] for r in self.runs if r.summary.get(key) is not None],
-                    dtype=float)
+    finals = (r.final(key) for r in self.runs)
+    return np.array([v for v in finals if v is not None], dtype=float)
 
   def mean_std(self, key: str) -> tuple[Optional[float], Optional[float]]:
     """Mean and sample standard deviation (ddof=1) over the runs that have `key`; the std
@@ -367,27 +382,28 @@ def _pct(value) -> str:
   return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def mean_std_text(mean: Optional[float], std: Optional[float]) -> str:
-  """Percent, two decimals: "91.23 ± 0.45" (a single value: "91.23")."""
+def mean_std_text(mean: Optional[float], std: Optional[float], percent: bool = True) -> str:
+  """Percent, two decimals: "91.23 ± 0.45" (a single value: "91.23"); else four digits."""
   if mean is None:
     return "-"
-  return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+  text = (lambda v: f"{100 * v:.2f}") if percent else (lambda v: f"{v:.4g}")
+  return text(mean) + ("" if std is None else f" ± {text(std)}")
 
 
 def group_table(groups: list[SeedGroup]) -> list[str]:
   """Markdown lines: one row per group, mean ± std over its seeds."""
   setting = list(groups[0].setting)
-  header = ["sparsifier", "target sparsity", *setting, "seeds",
-            *(column for _, column in GROUP_METRICS)]
+  metrics = [m for m in GROUP_METRICS if any(len(g.values(m[0])) for g in groups)]
+  header = ["sparsifier", "target sparsity", *setting, "seeds", *(m[1] for m in metrics)]
   lines = ["| " + " | ".join(header) + " |",
-           "|---|---:|" + "---|" * len(setting) + "---|" + "---:|" * len(GROUP_METRICS)]
+           "|---|---:|" + "---|" * len(setting) + "---|" + "---:|" * len(metrics)]
   order = lambda g: (g.summary.get("sparsifier", ""), g.summary.get("target_sparsity", 0),
                      str(list(g.setting.values())))
   for g in sorted(groups, key=order):
     cells = [g.summary.get("sparsifier", "-"), _pct(g.summary.get("target_sparsity")),
              *(str(v) for v in g.setting.values()),
              f"{len(g.runs)} ({', '.join(str(s) for s in g.seeds)})",
-             *(mean_std_text(*g.mean_std(key)) for key, _ in GROUP_METRICS)]
+             *(mean_std_text(*g.mean_std(key), percent) for key, _, percent in metrics)]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 

@@ -102,7 +102,7 @@ def test_accuracy_axis_names_the_split_the_runs_were_evaluated_on(splits, label)
 
 def _tuning_run(root, name, record, summary):
   run = root / name
-  run.mkdir()
+  run.mkdir(exist_ok=True)
   (run / "experiment.json").write_text(json.dumps(record))
   (run / "summary.json").write_text(json.dumps(summary))
   return str(run)
@@ -212,6 +212,41 @@ def test_training_curves_of_many_runs_are_colored_by_sparsifier(count):
   else:
     assert keys == [methods[i % 3] for i in range(count)]
     assert title == f"sparsifier ({count} runs)"
+
+
+def test_group_table_has_the_final_networks_sharpness(tmp_path):
+  """The Hessian columns are the float64 mean and std of each seed's value at its last step;
+  a run whose last measurement is older than its last step contributes none."""
+  from safe_dist import workdir
+  from safe_dist.experiment import Experiment
+  rng = np.random.default_rng()
+  base = workdir.experiment_record(Experiment())
+  eigs, traces = rng.uniform(1, 60, size=3), rng.uniform(10, 500, size=3)
+  workdirs = []
+  for seed in (1, 2, 3, 4):
+    run = tmp_path / f"safe_seed{seed}"
+    writer = SummaryWriter(str(run / "tensorboard"))
+    last = 100 if seed < 4 else 90  # seed 4: no measurement at its last step
+    for step, scale in ((50, 2.0), (last, 1.0)):
+      i = min(seed, 3) - 1
+      writer.add_scalar("sharpness/hessian_max_eig_projected", scale * eigs[i], step)
+      writer.add_scalar("sharpness/hessian_trace_projected", scale * traces[i], step)
+    writer.close()
+    _tuning_run(tmp_path, run.name, {**base, "train.seed": seed},
+                {"sparsifier": "safe", "target_sparsity": 0.9, "val_accuracy": 0.9, "steps": 100})
+    workdirs.append(str(run))
+  runs = [report.load_run(w, os.path.basename(w)) for w in workdirs]
+  (group,) = report.seed_groups(runs)
+  for tag, values in (("sharpness/hessian_max_eig_projected", eigs),
+                      ("sharpness/hessian_trace_projected", traces)):
+    np.testing.assert_allclose(group.mean_std(tag), (values.mean(), values.std(ddof=1)),
+                               rtol=1e-6)  # TensorBoard stores float32
+  table = "\n".join(report.group_table([group]))
+  assert "top Hessian eigenvalue, final network" in table
+  assert report.mean_std_text(*group.mean_std("sharpness/hessian_trace_projected"), False) in table
+  # Without any measurement the columns are left out.
+  bare = report.SeedGroup([r._replace(scalars={}) for r in runs], {})
+  assert "Hessian" not in "\n".join(report.group_table([bare]))
 
 
 def test_root_flag_is_checked(tmp_path, capsys):
