@@ -265,7 +265,8 @@ def accuracy_series(groups: list[SeedGroup]) -> dict:
     for g in method_groups:
       mean, std = g.mean_std("val_accuracy")
       setting = ", ".join(_knob_text(k, g.runs[0].experiment.get(k)) for k in knobs)
-      lines[setting or "one setting"].append((100 * g.summary["target_sparsity"], 100 * mean, 100 * (std or 0.0)))
+      lines[setting or "one setting"].append(
+          (100 * g.summary["target_sparsity"], 100 * mean, 100 * (std or 0.0)))
     series[method] = {label: sorted(points) for label, points in sorted(lines.items())}
   return series
 
