@@ -4,7 +4,8 @@ The run's experiment is read from the workdir (`experiment.json`): only evaluati
 needed. A training flag given anyway must agree with the run (it is refused by name
 otherwise), except paths and evaluation settings (`--data_dir`, `--eval_sparsities`,
 `--bnt_sample_size`). The latest checkpoint is evaluated in one of three modes (`--mode`);
-the numbers go to `<workdir>/eval_<mode>.json` and a table is printed:
+the numbers go to `<workdir>/eval_<mode>.json` (or `--eval_out NAME.json`) and a table is
+printed:
 
   clean        rates of the trained weights, and accuracy of the network hard-projected to
                the target sparsity and to every `--eval_sparsities`, each before and after
@@ -27,9 +28,13 @@ with BatchNorm statistics re-calibrated on --bnt_sample_size training samples wh
 has BatchNorm. The work itself is `safe_dist.evaluation`'s.
 
 Every flag value is checked before any work; a bad one stops with a message naming the flag
-and its allowed values, exit status 2, and nothing written.
+and its allowed values, exit status 2, and nothing written. The results file records the
+settings it was made with (`settings`): an evaluation with other settings (another
+`--attack_bound`, say) never replaces it, but stops before any work and asks for another
+`--eval_out`; the same evaluation again (after more training) replaces it.
 """
 
+import json
 import os
 import sys
 
@@ -69,6 +74,9 @@ absl_flags.DEFINE_float("attack_lr", None,
                         "--mode adversarial: PGD step size (default bound/4).")
 absl_flags.DEFINE_integer("attack_max_examples", 0,
                           "--mode adversarial: the first N test examples; 0 for all.")
+absl_flags.DEFINE_string("eval_out", "", "The results file, a name in --workdir ending in "
+                         ".json (default eval_<mode>.json). One written with other settings "
+                         "is kept: the evaluation stops and asks for another name.")
 
 
 def check_flags(flag_values=FLAGS) -> None:
@@ -93,6 +101,49 @@ def attack_bound_and_lr(flag_values=FLAGS) -> tuple[float, float]:
     bound = DEFAULT_ATTACK_BOUND.get(flag_values.attack_norm, 1 / 255)
   lr = flag_values.attack_lr if flag_values.attack_lr is not None else bound / 4
   return float(bound), float(lr)
+
+
+def evaluation_settings(experiment, flag_values=FLAGS) -> dict:
+  """What decides --mode's numbers besides the checkpoint, as the results file records it."""
+  settings = {"mode": flag_values.mode, "bnt_sample_size": experiment.train.bnt_sample_size}
+  if flag_values.mode == "clean":
+    settings["eval_sparsities"] = list(experiment.eval_sparsities)
+  elif flag_values.mode == "corrupt":
+    settings.update(corruptions=list(flag_values.corruptions),
+                    corrupt_intensity=flag_values.corrupt_intensity,
+                    corrupt_max_examples=flag_values.corrupt_max_examples,
+                    corrupt_seed=flag_values.corrupt_seed)
+  else:
+    bound, lr = attack_bound_and_lr(flag_values)
+    settings.update(attack_norm=flag_values.attack_norm, attack_steps=flag_values.attack_steps,
+                    attack_bound=bound, attack_lr=lr,
+                    attack_max_examples=flag_values.attack_max_examples)
+  return json.loads(json.dumps(settings))  # as read back from the file
+
+
+def results_path(workdir: str, name: str, settings: dict) -> str:
+  """Where the results go: `name` in workdir, unless a file there holds results of other
+  settings (ValueError naming --eval_out; the file is kept)."""
+  if os.path.basename(name) != name or not name.endswith(".json"):
+    raise ValueError(f"--eval_out must be a file name ending in .json (it is written in "
+                     f"--workdir), got {name!r}")
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    return path
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get("settings")
+  except (OSError, ValueError, AttributeError):
+    recorded = None
+  if recorded == settings:
+    return path
+  if recorded is None:
+    why = "without a record of its settings"
+  else:
+    why = "with " + ", ".join(f"{k} {recorded.get(k)!r} (here {v!r})"
+                              for k, v in settings.items() if recorded.get(k) != v)
+  raise ValueError(f"--workdir already holds {name}, written {why}; it is kept: name this "
+                   "evaluation's file with --eval_out NAME.json")
 
 
 def experiment_to_evaluate(workdir: str):
@@ -169,6 +220,8 @@ def main(argv):
       raise ValueError(f"--mode {FLAGS.mode} evaluates image classifiers; the run in --workdir "
                        f"is a {experiment.task} model: use --mode clean, or python -m "
                        "safe_dist.lm_eval --model WORKDIR for perplexity on other text")
+    settings = evaluation_settings(experiment)
+    out_path = results_path(workdir, FLAGS.eval_out or f"eval_{FLAGS.mode}.json", settings)
     run = run_setup.setup(experiment)
     step, state = checkpointing.restore_last(workdir, run.abstract_state,
                                              f"--workdir {FLAGS.workdir} holds no checkpoint")
@@ -176,8 +229,10 @@ def main(argv):
     results, show = evaluate_checkpoint(run, state, stop)
   except (ValueError, FileNotFoundError, distributed.Interrupted) as e:
     flags.fail(str(e))
-  results = {"step": step, "mode": FLAGS.mode, **results}
-  workdir_lib.write_json(os.path.join(workdir, f"eval_{FLAGS.mode}.json"), results)
+  results = {"step": step, "mode": FLAGS.mode, **results, "settings": settings}
+  if os.path.exists(out_path) and distributed.is_main_process():
+    print(f"replacing {out_path} (an evaluation with the same settings)")
+  workdir_lib.write_json(out_path, results)
   if distributed.is_main_process():
     print(f"step {step} of {FLAGS.workdir}")
     if FLAGS.mode != "clean":

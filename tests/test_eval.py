@@ -60,6 +60,10 @@ def test_adversarial_mode(workdir, tmp_path):
   assert report["attack"] == {"method": "PGD", "norm": "linf", "steps": 3, "bound": 0.1,
                               "lr": pytest.approx(0.025), "seed": 1}
   assert report["num_examples"] == 64 and report["eval_split"] == "test"
+  bnt = trainer_helpers.debug_experiment().train.bnt_sample_size
+  assert report["settings"] == {"mode": "adversarial", "bnt_sample_size": bnt,
+                                "attack_norm": "linf", "attack_steps": 3, "attack_bound": 0.1,
+                                "attack_lr": pytest.approx(0.025), "attack_max_examples": 64}
   assert 0.0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1.0
   # eps = 0.1 in linf is a strong attack on an MLP trained for 24 steps.
   assert report["robust_accuracy"] < report["clean_accuracy"]
@@ -108,6 +112,40 @@ def test_invalid_flags_stop_before_any_work(workdir, tmp_path, args, message):
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_results_of_other_settings_are_kept(workdir, tmp_path):
+  """An evaluation whose file would replace one written with other settings stops before any
+  work, names --eval_out and leaves the file as it was; under another name it runs."""
+  from safe_dist import eval as eval_lib
+  kept = os.path.join(workdir, "eval_pgd.json")
+  with open(kept, "w") as f:
+    json.dump({"robust_accuracy": 0.5, "settings": {"mode": "adversarial", "attack_steps": 9}}, f)
+  before = open(kept).read()
+  args = ["--mode", "adversarial", "--attack_steps", "1", "--attack_max_examples", "16"]
+  refused = _eval(workdir, tmp_path, *args, "--eval_out", "eval_pgd.json")
+  assert refused.returncode == 2
+  assert "already holds eval_pgd.json" in refused.stderr and "--eval_out" in refused.stderr
+  assert "attack_steps 9 (here 1)" in refused.stderr, refused.stderr[-2000:]
+  assert open(kept).read() == before
+  result = _eval(workdir, tmp_path, *args, "--eval_out", "eval_pgd_1step.json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = _report(workdir, "pgd_1step")
+  assert written["settings"]["attack_steps"] == 1 and written["num_examples"] == 16
+  assert open(kept).read() == before
+  # The same settings again replace the file; other ones, or a file without settings, do not.
+  settings = written["settings"]
+  path = os.path.join(workdir, "eval_pgd_1step.json")
+  assert eval_lib.results_path(workdir, "eval_pgd_1step.json", settings) == path
+  with pytest.raises(ValueError, match="attack_bound"):
+    eval_lib.results_path(workdir, "eval_pgd_1step.json", {**settings, "attack_bound": 0.2})
+  with open(os.path.join(tmp_path, "eval_old.json"), "w") as f:
+    json.dump({"robust_accuracy": 0.5}, f)
+  with pytest.raises(ValueError, match="without a record of its settings"):
+    eval_lib.results_path(str(tmp_path), "eval_old.json", settings)
+  for bad in ("../eval.json", "eval.txt", "sub/eval.json"):
+    with pytest.raises(ValueError, match="--eval_out must be a file name ending in .json"):
+      eval_lib.results_path(workdir, bad, settings)
 
 
 def _flags(**overrides):
