@@ -7,8 +7,9 @@ Writes accuracy_vs_sparsity.png, training_curves.png and report.md to DIR (defau
 first workdir's `report/`, or ROOT/report). Only these three files are written; existing ones
 are replaced, and each replacement is reported. Runs whose experiments (experiment.json)
 differ only by `train.seed` form one group: report.md gets a table of mean +- std over the
-seeds of each group, and the plot shows each group's mean with its std as an error bar (one
-panel per method where a method ran with several settings). Where
+seeds of each group (with the final network's Hessian and, where `safe_dist.eval` ran, its
+PGD and corruption accuracies), and the plot shows each group's mean with its std as an error
+bar (one panel per method where a method ran with several settings). Where
 one method was run with several settings on a validation split (--validation_examples), the
 report names the best setting of each (model, dataset, method, sparsity): a tuning budget read
 off validation runs only, never off the test split.
@@ -61,12 +62,15 @@ class Run(NamedTuple):
   summary: dict
   scalars: dict  # tag -> (steps, values), sorted by step
   experiment: dict  # the record of experiment.json ({} where there is none)
+  evals: dict = {}  # column -> accuracy, from the safe_dist.eval files (`eval_results`)
 
   def final(self, key: str) -> Optional[float]:
-    """summary.json's `key`, or the value of the TensorBoard tag `key` logged at the run's
-    last step (summary's `steps`): a measurement of the final network, not of an earlier one."""
-    if self.summary.get(key) is not None:
-      return self.summary[key]
+    """summary.json's `key`, an evaluation's column (`eval_results`), or the value of the
+    TensorBoard tag `key` logged at the run's last step (summary's `steps`): a measurement of
+    the final network, not of an earlier one."""
+    for source in (self.summary, self.evals):
+      if source.get(key) is not None:
+        return source[key]
     steps, values = self.scalars.get(key, ((), ()))
     if len(steps) and steps[-1] == self.summary.get("steps"):
       return float(values[-1])
@@ -120,6 +124,33 @@ def load_scalars(workdir: str) -> dict:
           for tag, points in by_tag.items()}
 
 
+def eval_results(workdir: str) -> dict:
+  """{column: accuracy} of the robustness evaluations in workdir (`safe_dist.eval`'s
+  eval_*.json, whatever their names): 'PGD linf 0.1, 10 steps (%)' -> robust accuracy,
+  'corruptions, intensity 3 (%)' -> the mean over the corruptions. Two files with one column
+  (a copy) must agree."""
+  columns = {}
+  for name in sorted(os.listdir(workdir)):
+    if not (name.startswith("eval_") and name.endswith(".json")):
+      continue
+    with open(os.path.join(workdir, name)) as f:
+      result = json.load(f)
+    if result.get("mode") == "adversarial":
+      a = result["attack"]
+      column, value = (f"PGD {a['norm']} {a['bound']:.4g}, {a['steps']} steps (%)",
+                       result["robust_accuracy"])
+    elif result.get("mode") == "corrupt":
+      column, value = (f"corruptions, intensity {result['intensity']} (%)",
+                       result["mean_accuracy"])
+    else:
+      continue
+    if columns.get(column, value) != value:
+      raise ValueError(f"{workdir}: two evaluations give '{column}' different values "
+                       f"({columns[column]} and {value} in {name}); rename or remove one")
+    columns[column] = value
+  return columns
+
+
 def load_run(workdir: str, name: str) -> Run:
   path = os.path.join(workdir, SUMMARY_FILE)
   summary = {}
@@ -129,7 +160,7 @@ def load_run(workdir: str, name: str) -> Run:
   else:
     print(f"warning: {path} not found; {name} has curves only", file=sys.stderr)
   return Run(name, workdir, summary, load_scalars(workdir),
-             workdir_lib.read_record(workdir) or {})
+             workdir_lib.read_record(workdir) or {}, eval_results(workdir))
 
 
 def _differences(a: Run, b: Run) -> Optional[set]:
@@ -391,10 +422,19 @@ def mean_std_text(mean: Optional[float], std: Optional[float], percent: bool = T
   return text(mean) + ("" if std is None else f" ± {text(std)}")
 
 
+def _metric_cell(group: SeedGroup, key: str, percent: bool) -> str:
+  """mean ± std, and how many of the group's runs have the value where not all do."""
+  count = len(group.values(key))
+  text = mean_std_text(*group.mean_std(key), percent)
+  return text + (f" ({count} of {len(group.runs)})" if 0 < count < len(group.runs) else "")
+
+
 def group_table(groups: list[SeedGroup]) -> list[str]:
   """Markdown lines: one row per group, mean ± std over its seeds."""
   setting = list(groups[0].setting)
+  evals = sorted({column for g in groups for r in g.runs for column in r.evals})
   metrics = [m for m in GROUP_METRICS if any(len(g.values(m[0])) for g in groups)]
+  metrics += [(column, column, True) for column in evals]
   header = ["sparsifier", "target sparsity", *setting, "seeds", *(m[1] for m in metrics)]
   lines = ["| " + " | ".join(header) + " |",
            "|---|---:|" + "---|" * len(setting) + "---|" + "---:|" * len(metrics)]
@@ -404,7 +444,7 @@ def group_table(groups: list[SeedGroup]) -> list[str]:
     cells = [g.summary.get("sparsifier", "-"), _pct(g.summary.get("target_sparsity")),
              *(str(v) for v in g.setting.values()),
              f"{len(g.runs)} ({', '.join(str(s) for s in g.seeds)})",
-             *(mean_std_text(*g.mean_std(key), percent) for key, _, percent in metrics)]
+             *(_metric_cell(g, key, percent) for key, _, percent in metrics)]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 

@@ -249,6 +249,42 @@ def test_group_table_has_the_final_networks_sharpness(tmp_path):
   assert "Hessian" not in "\n".join(report.group_table([bare]))
 
 
+def test_robustness_evaluations_join_the_group_table(tmp_path):
+  """safe_dist.eval's files, whatever their names, become columns: the float64 mean and std of
+  the seeds that have them, with the count where some lack one; a copy is read once, and two
+  files that disagree on one column are an error."""
+  from safe_dist import workdir
+  from safe_dist.experiment import Experiment
+  rng = np.random.default_rng()
+  base = workdir.experiment_record(Experiment())
+  robust, corrupt = rng.uniform(0, 1, size=3), rng.uniform(0, 1, size=2)
+  runs = []
+  for seed in (1, 2, 3):
+    w = _tuning_run(tmp_path, f"seed{seed}", {**base, "train.seed": seed},
+                    {"sparsifier": "safe", "target_sparsity": 0.99, "val_accuracy": 0.9})
+    adversarial = {"mode": "adversarial", "robust_accuracy": robust[seed - 1],
+                   "attack": {"norm": "linf", "bound": 0.1, "steps": 10, "lr": 0.025}}
+    for name in ("eval_adversarial.json", "eval_adversarial_linf_0.1.json"):  # a copy
+      (tmp_path / f"seed{seed}" / name).write_text(json.dumps(adversarial))
+    if seed < 3:
+      (tmp_path / f"seed{seed}" / "eval_corrupt.json").write_text(json.dumps(
+          {"mode": "corrupt", "intensity": 3, "mean_accuracy": corrupt[seed - 1]}))
+    (tmp_path / f"seed{seed}" / "eval_clean.json").write_text(json.dumps({"mode": "clean"}))
+    runs.append(report.load_run(w, f"seed{seed}"))
+  (group,) = report.seed_groups(runs)
+  table = "\n".join(report.group_table([group]))
+  for column, values, suffix in (("PGD linf 0.1, 10 steps (%)", robust, ""),
+                                 ("corruptions, intensity 3 (%)", corrupt, " (2 of 3)")):
+    np.testing.assert_allclose(group.mean_std(column), (values.mean(), values.std(ddof=1)))
+    assert column in table
+    assert report.mean_std_text(values.mean(), values.std(ddof=1)) + suffix + " |" in table
+  (tmp_path / "seed1" / "eval_pgd_copy.json").write_text(json.dumps(
+      {"mode": "adversarial", "robust_accuracy": robust[0] + 0.01,
+       "attack": {"norm": "linf", "bound": 0.1, "steps": 10, "lr": 0.025}}))
+  with pytest.raises(ValueError, match="different values"):
+    report.eval_results(str(tmp_path / "seed1"))
+
+
 def test_root_flag_is_checked(tmp_path, capsys):
   for argv, message in (([], "either WORKDIRs or --root"),
                         (["--root", str(tmp_path), str(tmp_path)], "either WORKDIRs or --root"),
