@@ -16,6 +16,15 @@ job is still queued or running is not submitted again). The report over the fini
 goes to `ROOT/report/` (`safe_dist.report`: mean +- std over seeds), over every finished run
 in ROOT: several sweeps into one root (e.g. one per method, each over its own settings) share
 one report, which names each method's best setting where the runs are on a validation split.
+
+    python -m safe_dist.sweep --root runs/tuned --best_of runs/tune --seeds 1,2,3 \
+        -- --config config:fashion_mnist_lenet --num_epochs 6
+
+`--best_of TUNE_ROOT` replaces `--grid`: one cell per method (and model, dataset, sparsity)
+tried in TUNE_ROOT with several settings on a validation split, at its best one, for each
+seed. The flags after `--` must rebuild the tuning runs' experiments but for the seed and
+--validation_examples (checked before any run), so the cells train on every training example
+and are scored on the test split, which took no part in the choice.
 """
 
 import argparse
@@ -43,6 +52,9 @@ CONFIG_KEY = "config"
 # placement is the launcher's.
 RESERVED_FLAGS = ("workdir", "seed", "resume_training", "coordinator_address", "num_processes",
                   "process_id")
+# Fields in which a --best_of cell may differ from the tuning run it repeats: the seed, and the
+# held-out split (the rerun trains on every training example and evaluates on the test split).
+BEST_OF_FREE = ("train.seed", "data.validation_examples")
 SBATCH_SCRIPT = os.path.join("launch", "slurm", "train.sbatch")
 JOB_FILE = "slurm_job"
 LOG_FILE = "train.log"
@@ -154,6 +166,42 @@ def make_cells(root: str, grid, seeds: list[Optional[int]], common: list[str]) -
       seed_flag = [] if seed is None else [f"--seed={seed}"]
       cells.append(Cell(name, workdir, (*base, *common, *paths, *named, *seed_flag,
                                         f"--workdir={workdir}")))
+  return cells
+
+
+def best_cells(root: str, tune_root: str, seeds: list[Optional[int]],
+               common: list[str]) -> list[Cell]:
+  """`--best_of TUNE_ROOT`: for each (model, dataset, method, sparsity) tried there with several
+  settings on a validation split, its best setting (`report.best_settings`) as a cell per
+  seed. Each cell must rebuild its tuning run's experiment but for the seed and the held-out
+  split: the flags after `--` are the tuning sweep's, without --validation_examples."""
+  if not os.path.isdir(tune_root):
+    raise SweepError(f"--best_of {tune_root!r} is not a directory (a sweep's --root)")
+  runs = [report.load_run(w, os.path.basename(w)) for w in report.finished_workdirs(tune_root)]
+  selections = report.best_settings(report.seed_groups(runs))
+  if not selections:
+    raise SweepError(f"--best_of {tune_root}: no method there ran with two or more settings "
+                     "on a validation split (--validation_examples): nothing to choose from")
+  cells = []
+  for sel in sorted(selections, key=lambda s: tuple(str(v) for v in s.task)):
+    tuned = sel.best.runs[0]
+    chosen = [("sparsifier", tuned.experiment["sparsifier.name"]),
+              ("sp", tuned.experiment["sparsifier.sparsity"]),
+              *((k, tuned.experiment[k]) for k in sel.knobs)]
+    for cell in make_cells(root, [(k, [v]) for k, v in chosen], seeds, common):
+      try:
+        mine = workdir_lib.experiment_record(cell_experiment(cell))
+      except (ValueError, AttributeError, TypeError, absl_flags.Error) as e:
+        raise SweepError(f"cell {cell.name}: {e}") from None
+      differ = [k for k in workdir_lib.differences(tuned.experiment, mine)
+                if k not in BEST_OF_FREE]
+      if differ:
+        details = ", ".join(f"{k}: {tuned.experiment.get(k)!r} there, {mine.get(k)!r} here"
+                            for k in differ[:8])
+        raise SweepError(f"--best_of: cell {cell.name} is not the tuning run {tuned.workdir} "
+                         f"but for the seed and the held-out split ({details}): give after "
+                         "-- the flags of the tuning sweep, without --validation_examples")
+      cells.append(cell)
   return cells
 
 
@@ -286,6 +334,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--root", required=True, help="directory of the cells' workdirs")
   parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                       help="a grid axis; repeat for more axes")
+  parser.add_argument("--best_of", default=None, metavar="TUNE_ROOT",
+                      help="instead of --grid: each method's best validation setting in "
+                      "TUNE_ROOT (report.md's 'Best setting per method'), with --seeds")
   parser.add_argument("--seeds", default=None, help="seeds, e.g. 1,2,3 (default: the config's)")
   parser.add_argument("--parallel", type=int, default=1, help="local cells at a time")
   parser.add_argument("--slurm", action="store_true", help="submit each cell with sbatch")
@@ -305,9 +356,16 @@ def main(argv: Optional[list[str]] = None) -> int:
   args, common = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds)
+    if args.best_of is not None:
+      if grid:
+        raise SweepError("--best_of chooses each cell's setting: leave out --grid")
+      grid = [("sparsifier", []), ("sp", [])]  # what every --best_of cell sets
     check_common_args(common, grid, seeded=args.seeds is not None)
     run_flags.checked_config_names(["safe_dist.train", *common])
-    cells = make_cells(args.root, grid, seeds, common)
+    if args.best_of is None:
+      cells = make_cells(args.root, grid, seeds, common)
+    else:
+      cells = best_cells(args.root, args.best_of, seeds, common)
     names = [c.name for c in cells]
     if len(set(names)) < len(names):
       raise SweepError("two cells share a name: the grid repeats a value")

@@ -261,3 +261,66 @@ def test_a_stop_signal_ends_the_sweep_with_cells_still_waiting(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.splitlines()[-1]) == {"cell-0": 85}
   assert sorted(os.listdir(tmp_path)) == ["cell-0"]
+
+
+_TUNING_DRIVER = """
+import json, os, sys
+from safe_dist import sweep, workdir
+root, common, runs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+for grid, seed, accuracy in runs:
+  (cell,) = sweep.make_cells(root, [(k, [v]) for k, v in grid], [seed], common)
+  os.makedirs(cell.workdir)
+  with open(os.path.join(cell.workdir, 'experiment.json'), 'w') as f:
+    json.dump(workdir.experiment_record(sweep.cell_experiment(cell)), f)
+  with open(os.path.join(cell.workdir, 'summary.json'), 'w') as f:
+    json.dump({'model': 'LeNet300-100', 'dataset': 'synthetic', 'sparsifier': grid[0][1],
+               'target_sparsity': 0.95, 'val_accuracy': accuracy, 'eval_split': 'validation'}, f)
+"""
+
+
+@pytest.mark.slow
+def test_best_of_runs_each_methods_best_validation_setting(tmp_path):
+  """--best_of: per method, the setting with the best mean validation accuracy over its seeds
+  (numpy's argmax on fresh random accuracies, the first on a tie), as a cell per seed that
+  rebuilds the tuning run but for the seed and --validation_examples; other flags after --,
+  or --grid beside it, are refused before any run."""
+  rng = np.random.default_rng()
+  knobs = {"safe": ("sparsifier.rho", [0.02, 0.05, 0.1]),
+           "gmp": ("sparsifier.end_fraction", [0.5, 0.75, 0.9])}
+  runs, best = [], {}
+  for method, (knob, values) in knobs.items():
+    acc = rng.integers(0, 3, size=(len(values), 2)) / 100 + 0.8  # ties are likely
+    if method == "gmp":
+      acc[2] = acc[0] = acc.max() + 0.01  # a tie at the top: the first setting wins
+    for i, value in enumerate(values):
+      runs += [([("sparsifier", method), (knob, value)], seed, float(acc[i, seed - 1]))
+               for seed in (1, 2)]
+    best[method] = (knob, values[int(np.argmax(acc.mean(axis=1)))])
+  tune = tmp_path / "tune"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  made = subprocess.run([sys.executable, "-c", _TUNING_DRIVER, str(tune),
+                         json.dumps([*COMMON, "--validation_examples", "256"]), json.dumps(runs)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert made.returncode == 0, made.stderr[-3000:]
+  out = tmp_path / "tuned"
+  cases = [(["--root", str(out), "--best_of", str(tune), "--seeds", "1,2,3", "--dry_run", "--",
+             *COMMON], {}),
+           (["--root", str(out), "--best_of", str(tune), "--dry_run", "--", *COMMON,
+             "--lr", "0.3"], {}),
+           (["--root", str(out), "--best_of", str(tune), "--grid", "sp=0.9", "--", *COMMON], {}),
+           (["--root", str(out), "--best_of", str(tmp_path / "none"), "--", *COMMON], {})]
+  (code, stdout, err), *refused = _sweep_cases(cases)
+  assert code == 0, err
+  commands = [line for line in stdout.splitlines() if not line.startswith("[sweep")]
+  assert len(commands) == 2 * 3
+  for method, (knob, value) in best.items():
+    for seed in (1, 2, 3):
+      (command,) = [c for c in commands if f"--sparsifier={method} " in c and
+                    f"--seed={seed} " in c]
+      assert f"--config=set:{knob}={value} " in command, (method, command)
+      assert "--validation_examples" not in command and "--sp=0.95 " in command
+  for (code, _, err), text in zip(refused, ["optimizer.lr: 0.1 there, 0.3 here",
+                                            "--best_of chooses each cell's setting",
+                                            "is not a directory"]):
+    assert code == 2 and text in err, err
+  assert not out.exists()
