@@ -127,9 +127,10 @@ def load_scalars(workdir: str) -> dict:
 def eval_results(workdir: str) -> dict:
   """{column: accuracy} of the robustness evaluations in workdir (`safe_dist.eval`'s
   eval_*.json, whatever their names): 'PGD linf 0.1, 10 steps (%)' -> robust accuracy,
-  'corruptions, intensity 3 (%)' -> the mean over the corruptions. Two files with one column
-  (a copy) must agree."""
-  columns = {}
+  'corruptions, intensity 3 (%)' -> the mean over the corruptions. Where two files give one
+  column, the later checkpoint's wins; two of one checkpoint that disagree: a warning, and
+  the first by name."""
+  columns = {}  # column -> (step, value, file name)
   for name in sorted(os.listdir(workdir)):
     if not (name.startswith("eval_") and name.endswith(".json")):
       continue
@@ -144,11 +145,17 @@ def eval_results(workdir: str) -> dict:
                        result["mean_accuracy"])
     else:
       continue
-    if columns.get(column, value) != value:
-      raise ValueError(f"{workdir}: two evaluations give '{column}' different values "
-                       f"({columns[column]} and {value} in {name}); rename or remove one")
-    columns[column] = value
-  return columns
+    step = result.get("step", -1)
+    if column in columns:
+      old_step, old_value, old_name = columns[column]
+      if step < old_step or (step == old_step and value == old_value):
+        continue
+      if step == old_step:
+        print(f"warning: {workdir}: {old_name} and {name} give '{column}' different values "
+              f"at step {step}; reporting {old_name}'s", file=sys.stderr)
+        continue
+    columns[column] = (step, value, name)
+  return {column: value for column, (_, value, _) in columns.items()}
 
 
 def load_run(workdir: str, name: str) -> Run:
