@@ -194,6 +194,12 @@ def _varying_fields(runs: list[Run]) -> set:
   return varying
 
 
+def _setting_fields(runs: list[Run]) -> list[str]:
+  """The fields in which the runs differ, sorted, other than seed, method and sparsity (those
+  have their own columns and axes)."""
+  return sorted(_varying_fields(runs) - {SEED_KEY, *METHOD_KEYS})
+
+
 def seed_groups(runs: list[Run]) -> list[SeedGroup]:
   """The runs grouped by experiment up to the seed, in order of first appearance."""
   groups: list[list[Run]] = []
@@ -203,7 +209,7 @@ def seed_groups(runs: list[Run]) -> list[SeedGroup]:
       groups.append([run])
     else:
       home.append(run)
-  varying = sorted(_varying_fields([g[0] for g in groups]) - {SEED_KEY, *METHOD_KEYS})
+  varying = _setting_fields([g[0] for g in groups])
   return [SeedGroup(g, {k: g[0].experiment.get(k) for k in varying}) for g in groups]
 
 
@@ -236,9 +242,10 @@ def best_settings(groups: list[SeedGroup]) -> list[Selection]:
   for task, candidates in tasks.items():
     if len(candidates) < 2:
       continue
-    knobs = _varying_fields([g.runs[0] for g in candidates])
     ranked = sorted(candidates, key=lambda g: -g.mean_std("val_accuracy")[0])  # stable
-    selections.append(Selection(task, ranked, tuple(sorted(knobs - {SEED_KEY}))))
+    # Method and sparsity are one task's own: the fields left are the method's knobs.
+    knobs = tuple(_setting_fields([g.runs[0] for g in candidates]))
+    selections.append(Selection(task, ranked, knobs))
   return selections
 
 
@@ -298,7 +305,7 @@ def accuracy_series(groups: list[SeedGroup]) -> dict:
       by_method[g.summary.get("sparsifier", "?")].append(g)
   series = {}
   for method, method_groups in sorted(by_method.items()):
-    knobs = sorted(_varying_fields([g.runs[0] for g in method_groups]) - {SEED_KEY, *METHOD_KEYS})
+    knobs = _setting_fields([g.runs[0] for g in method_groups])
     lines = defaultdict(list)
     for g in method_groups:
       mean, std = g.mean_std("val_accuracy")
