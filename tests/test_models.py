@@ -87,6 +87,50 @@ def test_lenet5_layers():
   assert not models.has_batch_norm("LeNet5")
 
 
+def numpy_max_pool_2x2(x, padding):
+  """Float64 reference: the max of each 2x2 window, stride 2; SAME pads an odd side at its end."""
+  n, h, w, c = x.shape
+  oh, ow = ((h + 1) // 2, (w + 1) // 2) if padding == "SAME" else (h // 2, w // 2)
+  out = np.empty((n, oh, ow, c))
+  for i in range(oh):
+    for j in range(ow):
+      out[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 5), (1, 1), (6, 3)])
+def test_max_pool_2x2_matches_numpy_and_flax(padding, h, w):
+  rng = np.random.default_rng()
+  x = rng.integers(-3, 4, size=(2, h, w, 3)).astype(np.float64)  # small integers: many ties
+  if padding == "VALID" and (h < 2 or w < 2):
+    return
+  got = models.layers.max_pool_2x2(jnp.asarray(x, jnp.float32), padding)
+  np.testing.assert_array_equal(np.asarray(got, np.float64), numpy_max_pool_2x2(x, padding))
+  np.testing.assert_array_equal(
+      got, nn.max_pool(jnp.asarray(x, jnp.float32), (2, 2), strides=(2, 2), padding=padding))
+  # The gradient of sum(pool(x) * g): each window's g goes to its first maximum (row-major), as
+  # flax's select-and-scatter gives it, ties included.
+  g = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+  grad = np.asarray(jax.grad(lambda v: jnp.sum(models.layers.max_pool_2x2(v, padding) * g))(
+      jnp.asarray(x, jnp.float32)), np.float64)
+  expected = np.zeros_like(x)
+  xp = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
+  for b, i, j, k in np.ndindex(*got.shape):
+    window = xp[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k].ravel()
+    di, dj = divmod(int(np.argmax(window)), 2)
+    expected[b, 2 * i + di, 2 * j + dj, k] = g[b, i, j, k]
+  np.testing.assert_array_equal(grad, expected)
+  flax_grad = jax.grad(lambda v: jnp.sum(
+      nn.max_pool(v, (2, 2), strides=(2, 2), padding=padding) * g))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_array_equal(grad, flax_grad)
+
+
+def test_max_pool_2x2_rejects_other_padding():
+  with pytest.raises(ValueError, match="padding must be 'VALID' or 'SAME'"):
+    models.layers.max_pool_2x2(jnp.zeros((1, 4, 4, 1)), "FULL")
+
+
 def test_resnet_x2_doubles_widths():
   boxed, _ = abstract_init("ResNet20x2")
   shapes = nn.unbox(boxed)["params"]

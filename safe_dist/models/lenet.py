@@ -47,7 +47,7 @@ class LeNet5(nn.Module):
       # LeCun normal: the variance of Caffe's "xavier" filler (1 / fan_in), as the dense layers.
       x = layers.conv(features, 5, padding="VALID", dtype=self.dtype,
                       kernel_init=layers.lecun_normal, name=f"conv{i + 1}")(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+      x = layers.max_pool_2x2(nn.relu(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(layers.dense(500, dtype=self.dtype, name="fc1")(x))
     x = layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)

@@ -39,7 +39,7 @@ class VGG(nn.Module):
         if self.batch_norm:
           x = layers.batch_norm(train, dtype=self.dtype, name=f"bn{name}")(x)
         x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+      x = layers.max_pool_2x2(x, padding="SAME")
     x = x.reshape((x.shape[0], -1))
     for i, width in enumerate(self.hidden):
       x = nn.relu(layers.dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
