@@ -193,7 +193,8 @@ def memory_tables(rows: dict[tuple[str, int], dict], methods: list[str],
   return "\n".join(lines)
 
 
-def _names(text: str, allowed, what: str) -> list[str]:
+def parse_names(text: str, allowed, what: str) -> list[str]:
+  """The comma-separated names of `text`; the first not in `allowed` ends the run, naming them."""
   names = [n for n in text.split(",") if n]
   unknown = [n for n in names if n not in allowed]
   if unknown:
@@ -219,7 +220,7 @@ def main(argv=None):
                       help="a config of configs/ for the memory table ('' skips it)")
   parser.add_argument("--memory_devices", default="1,2,4,8")
   args = parser.parse_args(argv)
-  methods = _names(args.methods, METHODS, "method")
+  methods = parse_names(args.methods, METHODS, "method")
   if DENSE not in methods:
     methods.insert(0, DENSE)  # the ratios' base
   devices = jax.devices()[:args.devices]
@@ -237,7 +238,7 @@ def main(argv=None):
   print(peak_memory_line() + " (all the methods above, one process)", flush=True)
   if not args.memory_config:
     return
-  config = _names(args.memory_config, run_flags.CONFIG_NAMES, "config")[0]
+  config = parse_names(args.memory_config, run_flags.CONFIG_NAMES, "config")[0]
   counts = [int(n) for n in args.memory_devices.split(",")]
   missing = [n for n in counts if n > jax.device_count()]
   counts = [n for n in counts if n <= jax.device_count()]
