@@ -463,6 +463,15 @@ def group_table(groups: list[SeedGroup]) -> list[str]:
   return lines
 
 
+def run_locations(runs: list[Run]) -> str:
+  """Where the runs are: one folder, when each run is the subfolder of its name; else each."""
+  parents = {os.path.dirname(os.path.normpath(r.workdir)) for r in runs}
+  if len(parents) == 1 and all(
+      r.name == os.path.basename(os.path.normpath(r.workdir)) for r in runs):
+    return f"Runs: the folders of `{parents.pop()}`."
+  return "Runs: " + ", ".join(f"`{r.name}` = `{r.workdir}`" for r in runs) + "."
+
+
 def markdown(runs: list[Run], pngs: list[str]) -> str:
   lines = ["# SAFE pruning report", "",
            "| run | model | dataset | sparsifier | target sparsity | measured sparsity "
@@ -478,8 +487,7 @@ def markdown(runs: list[Run], pngs: list[str]) -> str:
         f"| {s.get('steps', '-')} |")
   lines += ["", "Accuracy: the final (projected, BN-recalibrated) network's, on the test "
             "split, or on held-out training examples where marked (validation; "
-            "--validation_examples). Runs: "
-            + ", ".join(f"`{r.name}` = `{r.workdir}`" for r in runs) + "."]
+            "--validation_examples). " + run_locations(runs)]
   groups = seed_groups([r for r in runs if r.summary])
   if any(len(g.runs) > 1 for g in groups):
     lines += ["", "## Mean ± std over seeds", "",

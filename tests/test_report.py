@@ -57,10 +57,19 @@ def test_report_two_runs(tmp_path, capsys):
                f"]({report.ACCURACY_PNG})", f"]({report.CURVES_PNG})"]:
     assert text in md, text
   assert "91.23% (validation)" in md and "87.65% |" in md  # which split each accuracy is of
+  assert f"Runs: the folders of `{tmp_path}`." in md  # one folder holds both
   # Running again replaces its own files and says so.
   capsys.readouterr()
   report.main([safe, gmp, "--out", out])
   assert "replacing" in capsys.readouterr().out
+
+
+def test_runs_of_several_folders_are_each_located(tmp_path):
+  first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
+  runs = [report.Run(name, str(w), {}, {}, {}) for name, w in
+          zip(report.run_names([str(first), str(second)]), (first, second))]
+  assert report.run_locations(runs) == f"Runs: `run` = `{first}`, `run-2` = `{second}`."
+  assert report.run_locations(runs[:1]) == f"Runs: the folders of `{tmp_path / 'a'}`."
 
 
 def test_scalars_and_missing_tags(tmp_path):
