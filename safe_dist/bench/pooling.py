@@ -1,6 +1,7 @@
 """Cost of 2x2 max pooling in the train step: `layers.max_pool_2x2` against flax's `nn.max_pool`.
 
-    python -m safe_dist.bench.pooling [--models LeNet5,VGG11-bn --methods dense,SAFE --windows 5]
+    python -m safe_dist.bench.pooling [--models LeNet5 --methods dense,SAFE --windows 5]
+    python -m safe_dist.bench.pooling --models VGG19-bn --windows 2 --dual_update_interval 16  # GPU
 
 For each model and method, the trainer's jitted train step (`bench.step`'s setup: the
 reference config, SGD with momentum, random images: 28x28x1 for the LeNets, 32x32x3 otherwise)
@@ -46,7 +47,8 @@ def max_difference(a, b) -> float:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="LeNet5,VGG11-bn")
+  parser.add_argument("--models", default="LeNet5",
+                      help="of " + ", ".join(POOLED_MODELS) + " (a VGG's step takes seconds on a CPU)")
   parser.add_argument("--methods", default="dense,SAFE")
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--dual_update_interval", type=int, default=32,
