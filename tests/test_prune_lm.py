@@ -64,10 +64,13 @@ def test_sharded_block_loop_equals_one_device_and_hits_the_target(tiny_model, me
   if method.startswith("safe"):
     # Up to Adam's float noise: a tiny gradient whose rounding flips its sign moves a weight
     # by up to lr per step either way, which can swap a near-tie at the mask's threshold.
+    # How many swap depends on the host's float code: SAFE+ (whose scores also carry the
+    # sharded activation norms' rounding) swapped 4 pairs of a 512-weight kernel (1.6%) on one
+    # machine, under 1% on others; a wrong reduction would move a large share of the mask.
     steps = SAFE.epochs * 16 // SAFE.batch_size
     for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one)):
       both = (a != 0) & (b != 0)
-      assert np.mean((a == 0) != (b == 0)) <= 0.01
+      assert np.mean((a == 0) != (b == 0)) <= 0.03
       np.testing.assert_allclose(a[both], b[both], atol=steps * SAFE.learning_rate, rtol=1e-4)
   else:  # the same decisions and weights
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a == 0, b == 0), eight, one)
