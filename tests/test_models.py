@@ -103,8 +103,6 @@ def numpy_max_pool_2x2(x, padding):
 def test_max_pool_2x2_matches_numpy_and_flax(padding, h, w):
   rng = np.random.default_rng()
   x = rng.integers(-3, 4, size=(2, h, w, 3)).astype(np.float64)  # small integers: many ties
-  if padding == "VALID" and (h < 2 or w < 2):
-    return
   got = models.layers.max_pool_2x2(jnp.asarray(x, jnp.float32), padding)
   np.testing.assert_array_equal(np.asarray(got, np.float64), numpy_max_pool_2x2(x, padding))
   np.testing.assert_array_equal(
