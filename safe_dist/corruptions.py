@@ -8,13 +8,16 @@ ImageNet-C code of Hendrycks & Dietterich). Its constants were tuned for ImageNe
 are "ImageNet-C style" corruptions, not CIFAR-10-C. It needs images of at least 32x32 with 3
 channels: smaller images (MNIST, 28x28) are edge-padded to 32, grayscale is replicated to
 RGB, and the result is cropped back and averaged to one channel again. Generation runs in
-Python per image (slow: glass_blur takes ~1 s an image); use `max_examples`.
+Python per image (slow: glass_blur takes ~1 s an image); use `max_examples`, and a
+`cache_dir` to generate a set once for every network evaluated on it.
 """
 
+import hashlib
 import os
 import types
 from typing import NamedTuple, Optional
 
+from absl import logging
 import numpy as np
 
 # imagecorruptions.get_corruption_names("all"): 15 benchmark + 4 validation corruptions.
@@ -55,13 +58,15 @@ def find_cifar10c(data_dir: Optional[str], corruption: str) -> Optional[str]:
 
 def load_corrupted(data_dir: Optional[str], corruption: str, intensity: int,
                    images: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
-                   max_examples: Optional[int] = None, seed: int = 0) -> CorruptedSet:
+                   max_examples: Optional[int] = None, seed: int = 0,
+                   cache_dir: Optional[str] = None) -> CorruptedSet:
   """The test set under `corruption` at `intensity` (1..5), from CIFAR-10-C or generated.
 
   images: clean (N, H, W[, C]) uint8 in [0, 255] or floats in [0, 1]; the output follows the
     same convention (float inputs give float32). Required when no CIFAR-10-C files exist.
   max_examples: keep only the first n examples (either path).
   seed: generation is deterministic given the seed (per image, so independent of n).
+  cache_dir: where generated sets are kept and looked up (see `generate_cached`).
   """
   validate(corruption, intensity)
   if max_examples is not None and max_examples < 1:
@@ -75,7 +80,50 @@ def load_corrupted(data_dir: Optional[str], corruption: str, intensity: int,
         f"CIFAR-10-C/{corruption}.npy and labels.npy) and no clean images to corrupt")
   images = np.asarray(images)[:max_examples]
   labels = None if labels is None else np.asarray(labels)[:max_examples]
-  return CorruptedSet(generate(images, corruption, intensity, seed), labels, GENERATED_SOURCE)
+  generated = (generate(images, corruption, intensity, seed) if not cache_dir
+               else generate_cached(cache_dir, images, corruption, intensity, seed))
+  return CorruptedSet(generated, labels, GENERATED_SOURCE)
+
+
+def cache_path(cache_dir: str, images: np.ndarray, corruption: str, intensity: int,
+               seed: int) -> str:
+  """The file of `generate(images, corruption, intensity, seed)` in cache_dir: named by the
+  settings and a digest of the clean images, so a changed test set never reads a stale file."""
+  images = np.ascontiguousarray(images)
+  digest = hashlib.sha256(f"{images.dtype.str}{images.shape}".encode())
+  digest.update(images.tobytes())
+  return os.path.join(cache_dir, f"{corruption}-i{intensity}-s{seed}-{digest.hexdigest()[:24]}.npy")
+
+
+def generate_cached(cache_dir: str, images: np.ndarray, corruption: str, intensity: int,
+                    seed: int = 0) -> np.ndarray:
+  """`generate`, read from cache_dir when an earlier call wrote it, else generated and written
+  there (atomically: concurrent evaluations may share the folder). An unreadable or misshapen
+  file is generated again and replaced; it holds nothing that cannot be remade."""
+  validate(corruption, intensity)
+  images = np.asarray(images)
+  path = cache_path(cache_dir, images, corruption, intensity, seed)
+  if os.path.exists(path):
+    try:
+      cached = np.load(path)
+      if cached.shape == images.shape and cached.dtype == generate_dtype(images):
+        return cached
+      logging.warning("%s holds %s %s, expected %s %s: generating again", path, cached.shape,
+                      cached.dtype, images.shape, generate_dtype(images))
+    except (OSError, ValueError) as err:
+      logging.warning("%s is unreadable (%s): generating again", path, err)
+  out = generate(images, corruption, intensity, seed)
+  os.makedirs(cache_dir, exist_ok=True)
+  partial = f"{path}.{os.getpid()}.partial"
+  with open(partial, "wb") as f:
+    np.save(f, out)
+  os.replace(partial, path)
+  return out
+
+
+def generate_dtype(images: np.ndarray) -> np.dtype:
+  """The dtype `generate` returns for these clean images."""
+  return np.dtype(np.float32) if np.issubdtype(images.dtype, np.floating) else images.dtype
 
 
 def _load_cifar10c(folder, corruption, intensity, images, max_examples) -> CorruptedSet:

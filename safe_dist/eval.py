@@ -16,7 +16,8 @@ printed:
                `--corrupt_intensity`): the real CIFAR-10-C files when a cifar10 run finds them
                (under --data_dir, $SAFE_DATA_DIR or next to the CIFAR-10 files, in
                `CIFAR-10-C/`), else generated with `imagecorruptions` and labelled
-               "ImageNet-C style" (its constants were tuned for ImageNet, not CIFAR-10-C).
+               "ImageNet-C style" (its constants were tuned for ImageNet, not CIFAR-10-C);
+               `--corrupt_cache_dir` keeps generated sets for the next network's evaluation.
   adversarial  clean and robust accuracy of the final network under PGD (`--attack_norm`,
                `--attack_steps`, `--attack_bound`, `--attack_lr`); one jitted, sharded attack.
 
@@ -65,6 +66,10 @@ absl_flags.DEFINE_integer("corrupt_max_examples", 1000,
                           "--mode corrupt: the first N test examples (generating corruptions is "
                           "slow, ~1 s an image for glass_blur); 0 for all.")
 absl_flags.DEFINE_integer("corrupt_seed", 0, "--mode corrupt: seed of generated corruptions.")
+absl_flags.DEFINE_string("corrupt_cache_dir", "",
+                         "--mode corrupt: a folder where generated corrupted sets are kept, so "
+                         "that evaluating other networks on the same test examples reads them "
+                         "instead of generating them again ('': no cache).")
 absl_flags.DEFINE_string("attack_norm", "linf",
                          f"--mode adversarial: PGD norm ({', '.join(attacks.NORMS)}).")
 absl_flags.DEFINE_integer("attack_steps", 10, "--mode adversarial: PGD steps.")
@@ -88,6 +93,10 @@ def check_flags(flag_values=FLAGS) -> None:
                      f"{', '.join(corruptions_lib.CORRUPTIONS)}")
   for name in flag_values.corruptions:
     corruptions_lib.validate(name, flag_values.corrupt_intensity)
+  cache_dir = flag_values.corrupt_cache_dir
+  if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    raise ValueError(f"--corrupt_cache_dir must be a folder (or '' for no cache); "
+                     f"{cache_dir!r} is a file")
   for name in ("corrupt_max_examples", "attack_max_examples"):
     if getattr(flag_values, name) < 0:
       raise ValueError(f"--{name} must be >= 0 (0: all), got {getattr(flag_values, name)}")
@@ -201,7 +210,8 @@ def evaluate_checkpoint(run, state, should_stop) -> tuple[dict, callable]:
   if FLAGS.mode == "corrupt":
     results.update(evaluation.corrupt_eval(
         run, network, list(FLAGS.corruptions), FLAGS.corrupt_intensity,
-        FLAGS.corrupt_max_examples or None, FLAGS.corrupt_seed, should_stop))
+        FLAGS.corrupt_max_examples or None, FLAGS.corrupt_seed, should_stop,
+        FLAGS.corrupt_cache_dir or None))
     return results, _print_corrupt
   bound, lr = attack_bound_and_lr()
   results.update(evaluation.adversarial_eval(

@@ -186,8 +186,9 @@ def cifar10c_dir(exp, corruption: str) -> Optional[str]:
 
 def corrupt_eval(run: Run, network: FinalNetwork, names, intensity: int,
                  max_examples: Optional[int] = None, seed: int = 0,
-                 should_stop: StopFn = _never) -> dict:
-  """Accuracy of `network` on each corrupted test set, and their mean."""
+                 should_stop: StopFn = _never, cache_dir: Optional[str] = None) -> dict:
+  """Accuracy of `network` on each corrupted test set, and their mean; generated sets are
+  kept in and read from `cache_dir` when one is given."""
   for name in names:
     corruptions_lib.validate(name, intensity)
   clean_images, clean_labels = _test_set(run, max_examples)
@@ -208,7 +209,7 @@ def corrupt_eval(run: Run, network: FinalNetwork, names, intensity: int,
     logging.info("corrupt evaluation: %s at intensity %d", name, intensity)
     corrupted = corruptions_lib.load_corrupted(
         dirs[name], name, intensity, clean_images, clean_labels,
-        max_examples=len(clean_labels), seed=seed)
+        max_examples=len(clean_labels), seed=seed, cache_dir=cache_dir)
     rows[name] = {**evaluate_arrays(corrupted.images, corrupted.labels),
                   "source": corrupted.source}
   sources = sorted({row["source"] for row in rows.values()})

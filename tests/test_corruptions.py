@@ -112,3 +112,46 @@ def test_invalid_arguments(tmp_path):
     corruptions.load_corrupted(str(tmp_path), "fog", 1)
   with pytest.raises(ValueError, match="images must be"):
     corruptions.generate(np.zeros((1, 32, 32, 2), np.uint8), "fog", 1)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_generated_sets_cached(tmp_path, monkeypatch):
+  images, labels = _clean(n=3, shape=(28, 28))
+  cache = str(tmp_path / "cache")
+  first = corruptions.load_corrupted(None, "frost", 2, images, labels, seed=3, cache_dir=cache)
+  np.testing.assert_array_equal(first.images, corruptions.generate(images, "frost", 2, seed=3))
+  path = corruptions.cache_path(cache, images, "frost", 2, 3)
+  assert os.listdir(cache) == [os.path.basename(path)]
+  # Every setting and the clean images themselves name the file.
+  other_images = images.copy()
+  other_images[2, 0, 0] ^= 1
+  names = {corruptions.cache_path(cache, *args) for args in [
+      (images, "frost", 2, 3), (images, "fog", 2, 3), (images, "frost", 1, 3),
+      (images, "frost", 2, 4), (other_images, "frost", 2, 3), (images[:2], "frost", 2, 3),
+      (images.astype(np.float32) / 255, "frost", 2, 3)]}
+  assert len(names) == 7
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("generated although cached")
+
+  monkeypatch.setattr(corruptions, "generate", refuse)
+  again = corruptions.load_corrupted(None, "frost", 2, images, labels, seed=3, cache_dir=cache)
+  np.testing.assert_array_equal(again.images, first.images)
+  assert again.source == corruptions.GENERATED_SOURCE
+  monkeypatch.undo()
+  # A broken or misshapen file is made again; a partial write never takes the file's name.
+  for broken in (b"not an array", None):
+    if broken is None:
+      np.save(path, np.zeros((2, 28, 28), np.uint8))
+    else:
+      with open(path, "wb") as f:
+        f.write(broken)
+    remade = corruptions.generate_cached(cache, images, "frost", 2, seed=3)
+    np.testing.assert_array_equal(remade, first.images)
+    np.testing.assert_array_equal(np.load(path), first.images)
+  assert os.listdir(cache) == [os.path.basename(path)]
+  floats = images.astype(np.float32) / 255
+  cached_floats = corruptions.generate_cached(cache, floats, "frost", 2, seed=3)
+  assert cached_floats.dtype == np.float32
+  np.testing.assert_array_equal(corruptions.generate_cached(cache, floats, "frost", 2, seed=3),
+                                cached_floats)

@@ -35,10 +35,21 @@ def _report(workdir, mode):
 
 
 def test_corrupt_mode_generated(workdir, tmp_path):
-  result = _eval(workdir, tmp_path, "--mode", "corrupt", "--corrupt_max_examples", "32",
-                 "--corruptions", "gaussian_noise,fog", "--corrupt_intensity", "3")
+  cache = tmp_path / "corruption_cache"
+  args = ("--mode", "corrupt", "--corrupt_max_examples", "32", "--corruptions",
+          "gaussian_noise,fog", "--corrupt_intensity", "3", "--corrupt_cache_dir", str(cache))
+  result = _eval(workdir, tmp_path, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   report = _report(workdir, "corrupt")
+  cached = sorted(cache.iterdir())
+  assert [p.name.split("-")[0] for p in cached] == ["fog", "gaussian_noise"]
+  inodes = [p.stat().st_ino for p in cached]
+  # A second evaluation reads the kept sets (the files are not written again): same numbers.
+  again = _eval(workdir, tmp_path, *args, "--eval_out", "eval_corrupt_again.json")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert [p.stat().st_ino for p in sorted(cache.iterdir())] == inodes
+  with open(os.path.join(workdir, "eval_corrupt_again.json")) as f:
+    assert json.load(f)["corruptions"] == report["corruptions"]
   assert report["mode"] == "corrupt" and report["intensity"] == 3
   assert "ImageNet-C style" in report["source"] and "CIFAR-10-C" not in report["source"]
   assert "ImageNet-C style" in result.stdout and "CIFAR-10-C" not in result.stdout
@@ -150,7 +161,7 @@ def test_results_of_other_settings_are_kept(workdir, tmp_path):
 
 def _flags(**overrides):
   values = dict(mode="clean", corruptions=["fog"], corrupt_intensity=3, corrupt_max_examples=0,
-                attack_max_examples=0, attack_norm="linf", attack_steps=10, attack_bound=None,
+                corrupt_cache_dir="", attack_max_examples=0, attack_norm="linf", attack_steps=10, attack_bound=None,
                 attack_lr=None)
   values.update(overrides)
   return types.SimpleNamespace(**values)
@@ -174,6 +185,15 @@ def test_check_flags_names_flag_and_allowed_values(overrides, message):
   with pytest.raises(ValueError) as info:
     eval_lib.check_flags(_flags(**overrides))
   assert message in str(info.value)
+
+
+def test_check_flags_refuses_a_file_as_cache_dir(tmp_path):
+  from safe_dist import eval as eval_lib
+  eval_lib.check_flags(_flags(corrupt_cache_dir=str(tmp_path / "not_yet")))
+  (tmp_path / "file").write_text("kept")
+  with pytest.raises(ValueError, match="--corrupt_cache_dir must be a folder"):
+    eval_lib.check_flags(_flags(corrupt_cache_dir=str(tmp_path / "file")))
+  assert (tmp_path / "file").read_text() == "kept"
 
 
 def test_attack_defaults():
