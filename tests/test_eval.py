@@ -161,8 +161,8 @@ def test_results_of_other_settings_are_kept(workdir, tmp_path):
 
 def _flags(**overrides):
   values = dict(mode="clean", corruptions=["fog"], corrupt_intensity=3, corrupt_max_examples=0,
-                corrupt_cache_dir="", attack_max_examples=0, attack_norm="linf", attack_steps=10, attack_bound=None,
-                attack_lr=None)
+                corrupt_cache_dir="", attack_max_examples=0, attack_norm="linf", attack_steps=10,
+                attack_bound=None, attack_lr=None)
   values.update(overrides)
   return types.SimpleNamespace(**values)
 
