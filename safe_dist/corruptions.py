@@ -14,6 +14,7 @@ network evaluated on it.
 """
 
 import hashlib
+import importlib.metadata
 import os
 import types
 from typing import NamedTuple, Optional
@@ -89,9 +90,11 @@ def load_corrupted(data_dir: Optional[str], corruption: str, intensity: int,
 def cache_path(cache_dir: str, images: np.ndarray, corruption: str, intensity: int,
                seed: int) -> str:
   """The file of `generate(images, corruption, intensity, seed)` in cache_dir: named by the
-  settings and a digest of the clean images, so a changed test set never reads a stale file."""
+  settings and a digest of the clean images and of the generating packages' versions, so a
+  changed test set or an upgraded package never reads a stale file."""
   images = np.ascontiguousarray(images)
-  digest = hashlib.sha256(f"{images.dtype.str}{images.shape}".encode())
+  versions = [_version(name) for name in ("imagecorruptions", "scikit-image", "numpy")]
+  digest = hashlib.sha256(f"{images.dtype.str}{images.shape}{versions}".encode())
   digest.update(images.tobytes())
   return os.path.join(cache_dir, f"{corruption}-i{intensity}-s{seed}-{digest.hexdigest()[:24]}.npy")
 
@@ -120,6 +123,13 @@ def generate_cached(cache_dir: str, images: np.ndarray, corruption: str, intensi
     np.save(f, out)
   os.replace(partial, path)
   return out
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "absent"
 
 
 def generate_dtype(images: np.ndarray) -> np.dtype:

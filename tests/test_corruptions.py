@@ -130,6 +130,10 @@ def test_generated_sets_cached(tmp_path, monkeypatch):
       (images, "frost", 2, 4), (other_images, "frost", 2, 3), (images[:2], "frost", 2, 3),
       (images.astype(np.float32) / 255, "frost", 2, 3)]}
   assert len(names) == 7
+  # So do the versions of the packages that generate it.
+  with monkeypatch.context() as patch:
+    patch.setattr(corruptions, "_version", lambda package: "0.0")
+    assert corruptions.cache_path(cache, images, "frost", 2, 3) != path
 
   def refuse(*args, **kwargs):
     raise AssertionError("generated although cached")
